@@ -5,7 +5,7 @@ and arrays, and returns arrays. Layouts follow Flax rather than torch: a linear 
 kernel is `HWIO` and images are `NHWC`; `ports.convert` does the transposes once, at conversion time.
 
 Mixed precision: parameters are cast to the activation dtype at the point of use (so bf16 storage with f32 compute, or
-the reverse, both work), while normalisation statistics are always computed in float32, as torch does for bf16
+the reverse, both work), while normalisation statistics are computed in at least float32, as torch does for bf16
 LayerNorm/GroupNorm on the CPU and GPU.
 """
 
@@ -17,17 +17,30 @@ import jax.numpy as jnp
 Params = dict
 
 
-def linear(p: Params, x: jax.Array) -> jax.Array:
-    """`x @ kernel (+ bias)`; the kernel is stored `(in, out)`."""
+def _stat_dtype(x: jax.Array):
+    """Normalisation statistics run in at least float32 (bf16 inputs are upcast; float64 stays float64)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def linear(p: Params, x: jax.Array, lora: Params | None = None, lora_scale: float = 1.0) -> jax.Array:
+    """`x @ kernel (+ bias)`, plus `lora_scale · (x @ A) @ B` when a LoRA branch is given.
+
+    The kernel is stored `(in, out)`. The LoRA branch (`{"lora_A": {"kernel": (in, r)}, "lora_B": {"kernel": (r,
+    out)}}`, PEFT's names) goes through the rank-r bottleneck, so the merged weight is never formed: the frozen base
+    stays in its storage dtype and gradients touch only A and B.
+    """
     y = jnp.matmul(x, p["kernel"].astype(x.dtype))
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
+    if lora is not None:
+        down = jnp.matmul(x, lora["lora_A"]["kernel"].astype(x.dtype))
+        y = y + lora_scale * jnp.matmul(down, lora["lora_B"]["kernel"].astype(x.dtype))
     return y
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm without affine parameters (every LayerNorm in the FLUX.2 DiT is `elementwise_affine=False`)."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_stat_dtype(x))
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
@@ -35,9 +48,9 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
 
 def rms_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis with a learned `scale` (torch `RMSNorm.weight`)."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_stat_dtype(x))
     normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-    return (normed * p["scale"].astype(jnp.float32)).astype(x.dtype)
+    return (normed * p["scale"].astype(xf.dtype)).astype(x.dtype)
 
 
 def group_norm(p: Params, x: jax.Array, groups: int, eps: float) -> jax.Array:
@@ -45,11 +58,11 @@ def group_norm(p: Params, x: jax.Array, groups: int, eps: float) -> jax.Array:
     *lead, c = x.shape
     if c % groups:
         raise ValueError(f"group_norm: {c} channels are not divisible into {groups} groups")
-    xf = x.astype(jnp.float32).reshape(lead[0], -1, groups, c // groups)
+    xf = x.astype(_stat_dtype(x)).reshape(lead[0], -1, groups, c // groups)
     mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
     normed = ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
-    return (normed * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+    return (normed * p["scale"].astype(xf.dtype) + p["bias"].astype(xf.dtype)).astype(x.dtype)
 
 
 def conv2d(p: Params, x: jax.Array, stride: int = 1, padding="SAME") -> jax.Array:
