@@ -146,8 +146,9 @@ def load_text_encoder(
     """Model and processor from local folders only (never the hub), the model cut after the layers `layers` need.
 
     Truncation: only `decoder_layers_needed(layers)` decoder layers are built and read (31 of FLUX.2's 40), which
-    saves about a fifth of the 24B encoder (9 layers of 0.56B parameters, 10 GB in bfloat16); the skipped weights are reported by transformers as
-    UNEXPECTED keys and never loaded. The embedding is identical to the full model's. `processor_dir` defaults to
+    saves about a fifth of the 24B encoder (9 layers of 0.56B parameters, 10 GB in bfloat16); transformers reports
+    the skipped weights as UNEXPECTED keys and never loads them. The embedding is identical to the full model's.
+    `processor_dir` defaults to
     `model_dir` (the transformers layout of Mistral-Small; FLUX.2-dev keeps it in a sibling `tokenizer/`).
     """
     model_dir = Path(model_dir)
