@@ -148,8 +148,7 @@ def load_text_encoder(
     Truncation: only `decoder_layers_needed(layers)` decoder layers are built and read (31 of FLUX.2's 40), which
     saves about a fifth of the 24B encoder (9 layers of 0.56B parameters, 10 GB in bfloat16); transformers reports
     the skipped weights as UNEXPECTED keys and never loads them. The embedding is identical to the full model's.
-    `processor_dir` defaults to
-    `model_dir` (the transformers layout of Mistral-Small; FLUX.2-dev keeps it in a sibling `tokenizer/`).
+    `processor_dir` defaults to `model_dir` (the transformers layout of Mistral-Small; FLUX.2-dev keeps it in a sibling `tokenizer/`).
     """
     model_dir = Path(model_dir)
     processor_dir = model_dir if processor_dir is None else Path(processor_dir)
