@@ -1,13 +1,14 @@
 """Image resizing in NumPy that reproduces torch `F.interpolate` (no antialias, `align_corners=False`).
 
-Real-ESRGAN resizes with `F.interpolate` in modes area / bilinear / bicubic, and the SR conditioning resizes the LR image
-back to HR size with bicubic. PIL and OpenCV resize differently (PIL antialiases when shrinking, OpenCV uses a = -0.75
+Real-ESRGAN resizes with `F.interpolate` in modes area / bilinear / bicubic, and the SR conditioning resizes the LR
+image back to HR size with bicubic. PIL and OpenCV resize differently (PIL antialiases when shrinking, OpenCV uses a = -0.75
 but other border rules), so the host-side pipeline carries its own copy of torch's arithmetic: each mode is separable,
 so a resize is two small dense matrices, `out = W_h @ image @ W_w^T`, one per axis.
 
 What torch does, per output index `o` along an axis of `n_in -> n_out` pixels (`s` = `n_in / n_out`, or `1 / f` when
 torch was called with `scale_factor=f`, see `resize`):
-- bilinear: source `x = max(s * (o + 0.5) - 0.5, 0)`, neighbours `floor(x)` and `floor(x) + 1` clamped to the last pixel.
+- bilinear: source `x = max(s * (o + 0.5) - 0.5, 0)`, neighbours `floor(x)` and `floor(x) + 1` clamped to the last
+  pixel.
 - bicubic: the same source point without the clamp at 0, Keys' cubic convolution with `a = -0.75` over the four
   neighbours `floor(x) - 1 .. floor(x) + 2`, indices clamped to the image (replicated border).
 - area: `adaptive_avg_pool2d`, the mean over input pixels `[floor(o * n_in / n_out), ceil((o + 1) * n_in / n_out))`;
@@ -85,9 +86,7 @@ def resize_weights(n_in: int, n_out: int, mode: str, scale_factor: float | None 
     raise ValueError(f"resize: mode must be one of {RESIZE_MODES}, got {mode!r}")
 
 
-def resize(
-    image: np.ndarray, size: tuple[int, int], mode: str, scale_factor: float | None = None
-) -> np.ndarray:
+def resize(image: np.ndarray, size: tuple[int, int], mode: str, scale_factor: float | None = None) -> np.ndarray:
     """Resize a float HWC image to `size = (height, width)` as torch `F.interpolate` would.
 
     `scale_factor` reproduces a torch call made with `scale_factor=f` instead of `size`: torch then maps pixel centres
