@@ -74,12 +74,16 @@ def to_torch_layout(path: str, array: np.ndarray) -> np.ndarray:
 
 
 def from_torch_layout(path: str, array: np.ndarray) -> np.ndarray:
-    """torch layout -> JAX layout for one leaf; the inverse of `to_torch_layout`."""
+    """torch layout -> JAX layout for one leaf; the inverse of `to_torch_layout`.
+
+    Returns a transposed view, not a copy: the converter writes it straight into its output buffer, so streaming a
+    checkpoint never holds a second copy of the tensor in flight.
+    """
     if path.endswith("kernel"):
         if array.ndim == 2:
-            return np.ascontiguousarray(array.T)
+            return array.T
         if array.ndim == 4:
-            return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
+            return array.transpose(2, 3, 1, 0)
         raise ValueError(f"{path}: a kernel must be 2-D or 4-D, got shape {array.shape}")
     return array
 

@@ -10,9 +10,7 @@ from diffusers import Flux2Pipeline
 from foa_jax.models import flux2
 from tests import torch_reference
 
-CONFIG = flux2.Flux2Config(in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                           num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32,
-                           axes_dims_rope=(4, 4, 4, 4))
+CONFIG = flux2.Flux2Config(**torch_reference.SMALL_TRANSFORMER)
 LATENT_HW = (3, 5)  # non-square token grid
 REF_HW = ((2, 3), (4, 2))  # references may differ in size from the target and from each other
 TIMESTEPS = np.array([0.0, 0.5, 1.0])

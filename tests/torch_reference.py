@@ -27,6 +27,13 @@ def perturb_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+# A transformer small enough for exhaustive parity sweeps: 2 heads x 16, non-default channel counts everywhere.
+SMALL_TRANSFORMER = dict(in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                         joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))
+# A VAE with two blocks (x2 spatial): the cheapest shape that still has a downsampler, an upsampler and mid attention.
+SMALL_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+
+
 def tiny_transformer(config, seed: int = 0, dtype=torch.float32):
     """A seeded `Flux2Transformer2DModel` with the architecture of a foa-jax `Flux2Config`."""
     from diffusers import Flux2Transformer2DModel
@@ -41,3 +48,12 @@ def jax_params(model: torch.nn.Module, template_fn, stacks=(), dtype=np.float32)
     template = jax.eval_shape(template_fn)
     state = {k: v.detach().cpu().to(torch.float64).numpy() for k, v in model.state_dict().items()}
     return convert.from_state_dict(template, state, stacks=stacks, dtype=dtype)
+
+
+def tiny_vae(config, seed: int = 0, dtype=torch.float32):
+    """A seeded `AutoencoderKLFlux2` with the architecture of a foa-jax `VAEConfig`."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLFlux2(**config.to_diffusers())
+    return perturb_norms(model, seed).to(dtype).eval()
