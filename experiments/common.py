@@ -1,0 +1,196 @@
+"""Plumbing every experiment shares: flags, dotted config overrides, run folders, JSONL metrics, checkpoints.
+
+Every stage takes `--preset`, `--out DIR`, `--steps`, `--resume`, `--seed`, the model paths
+(`--transformer`, `--vae`, `--prompt-embedding`) and any number of `section.field=value` overrides of its frozen
+dataclass config, e.g. `python -m experiments.sft train.lr=3e-4 lora.rank=16`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def parser(description: str, default_out: str, default_steps: int | None = None) -> argparse.ArgumentParser:
+    """The flags every stage shares; stages add their own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, flux2-dev, klein-4b, klein-9b")
+    p.add_argument("--out", type=Path, default=Path(default_out), help="run folder")
+    p.add_argument("--steps", type=int, default=default_steps, help="optimisation steps (stage default if omitted)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transformer", type=Path, help="converted FLUX.2 transformer (python -m ports.convert)")
+    p.add_argument("--vae", type=Path, help="converted FLUX.2 VAE (python -m ports.convert)")
+    p.add_argument("--prompt-embedding", type=Path, help="cached prompt embedding (python -m ports.text_encoder)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+    return p
+
+
+def parse_value(text: str) -> Any:
+    """`3e-4` -> float, `(1, 2)` -> tuple, `true` -> True, anything unparsable stays a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config, overrides: Sequence[str]):
+    """Apply `a.b.c=value` strings to a tree of frozen dataclasses; unknown fields are an error listing known ones."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.field=value")
+        dotted, raw = item.split("=", 1)
+        config = _replace_path(config, dotted.split("."), parse_value(raw), dotted)
+    return config
+
+
+def _replace_path(node, path: list[str], value, dotted: str):
+    names = [f.name for f in dataclasses.fields(node)]
+    if path[0] not in names:
+        raise ValueError(f"unknown config field {dotted!r}: {type(node).__name__} has {names}")
+    current = getattr(node, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"{dotted!r}: {path[0]} is a value, not a section")
+        value = _replace_path(current, path[1:], value, dotted)
+    elif isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return dataclasses.replace(node, **{path[0]: value})
+
+
+def to_jsonable(obj):
+    """Dataclasses, paths, numpy and JAX scalars -> plain JSON types."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and np.ndim(obj) == 0:
+        return obj.item()
+    return obj
+
+
+class Metrics:
+    """Append-only JSON lines, one record per call, flushed at once so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        record.setdefault("time", time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(to_jsonable(record)) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records past the restored step so the log reads as one uninterrupted run."""
+        kept = [r for r in self.read() if r.get("step", -1) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def prepare_out(out: Path, resume: bool, config) -> Path:
+    """Create the run folder and record the config; refuse to silently overwrite another run's checkpoints."""
+    out = Path(out)
+    checkpoints = out / "checkpoints"
+    if checkpoints.exists() and any(checkpoints.iterdir()) and not resume:
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_jsonable(config), indent=2))
+    return out
+
+
+def load_models(args, tiny_weights: Path | None = None, announce=print):
+    """Backbone, VAE and prompt embedding for a stage: from the converted files given on the command line, else the
+    preset's own weights (`tiny_weights`, the tiny preset's trained folder), else — tiny preset only — a random
+    initialisation that is announced as such. Real presets without files raise, naming the flag to pass.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from foa_jax import sr
+    from foa_jax.models import flux2, vae
+    from ports import convert, text_encoder
+
+    def pick(flag: str, path: Path | None, stored: Path | None, load, random_init):
+        if path is not None:
+            return load(path)
+        if stored is not None and stored.exists():
+            return load(stored)
+        if args.preset != "tiny":
+            raise FileNotFoundError(f"--{flag} is required for preset {args.preset!r}: convert the FLUX.2 weights with "
+                                    f"`python -m ports.convert` and pass the output folder")
+        announce(f"[{flag}] no weights given or found at {stored}: using a RANDOM tiny initialisation")
+        return random_init()
+
+    t_params, t_config = pick(
+        "transformer", args.transformer, tiny_weights and tiny_weights / "transformer", convert.load_transformer,
+        lambda: (flux2.init(flux2.preset(args.preset), jax.random.key(args.seed)), flux2.preset(args.preset)))
+    v_params, v_config = pick(
+        "vae", args.vae, tiny_weights and tiny_weights / "vae", convert.load_vae,
+        lambda: (vae.init(vae.VAEConfig.preset("tiny"), jax.random.key(args.seed + 1)), vae.VAEConfig.preset("tiny")))
+    if v_config.token_channels != t_config.in_channels:
+        raise ValueError(f"the VAE makes {v_config.token_channels}-channel tokens but the transformer takes "
+                         f"{t_config.in_channels}")
+
+    def load_prompt(path):
+        embedding, _ = text_encoder.load_prompt_embedding(path, channels=t_config.joint_attention_dim)
+        return jnp.asarray(embedding[:1], jnp.float32)
+
+    prompt = pick("prompt-embedding", args.prompt_embedding,
+                  tiny_weights and tiny_weights / "prompt_embedding.safetensors", load_prompt,
+                  lambda: tiny_prompt(t_config, args.seed))
+    return sr.Models(t_params, t_config, v_params, v_config, prompt)
+
+
+def tiny_prompt(config, seed: int):
+    """The tiny preset has no text encoder: its one prompt is a fixed 4-token random embedding (seeded)."""
+    import jax
+
+    return jax.random.normal(jax.random.key(10_000 + seed), (1, 4, config.joint_attention_dim))
+
+
+def save_grid(path: Path, rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None) -> Path:
+    """Save equally sized [0, 1] float (or uint8) HWC images as a PNG grid, rows by columns."""
+    from PIL import Image, ImageDraw
+
+    def as_uint8(img):
+        img = np.asarray(img)
+        return img if img.dtype == np.uint8 else np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+    tiles = [[as_uint8(img) for img in row] for row in rows]
+    h, w = tiles[0][0].shape[:2]
+    pad = 2
+    label_h = 14 if labels else 0
+    cols = max(len(r) for r in tiles)
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, len(tiles) * (h + pad) + pad + label_h), (255, 255, 255))
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            canvas.paste(Image.fromarray(tile), (pad + c * (w + pad), label_h + pad + r * (h + pad)))
+    if labels:
+        draw = ImageDraw.Draw(canvas)
+        for c, text in enumerate(labels):
+            draw.text((pad + c * (w + pad), 1), text, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
