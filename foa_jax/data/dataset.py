@@ -200,10 +200,15 @@ class Dataset:
         left = int(rng.integers(0, w - self.config.gt_size + 1))
         return CropSpec(index, name, top, left, int(rng.integers(0, 2**63)))
 
+    def hr(self, index: int, spec: CropSpec | None = None) -> np.ndarray:
+        """The HR crop of sample `index` alone (no degradation): what autoencoder training needs."""
+        spec = spec or self.spec(index)
+        size = self.config.gt_size
+        return np.ascontiguousarray(self.photos[spec.source][spec.top:spec.top + size, spec.left:spec.left + size])
+
     def pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         spec = self.spec(index)
-        size = self.config.gt_size
-        hr = np.ascontiguousarray(self.photos[spec.source][spec.top:spec.top + size, spec.left:spec.left + size])
+        hr = self.hr(index, spec)
         return degrade(hr, spec.degradation_seed, self.config.degradation), hr
 
     def iterate(self, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -1,0 +1,96 @@
+"""One jitted, donated train step per objective, with gradient accumulation; optimizer and state as plain pytrees.
+
+The state is `{"step", "params", "opt_state", "key"}` where `params` is only what trains (a LoRA tree, or the whole
+tiny transformer); frozen weights are a separate argument that is never differentiated, so gradients and optimizer
+moments exist only for the trainable tree. The step folds the step number into the key and batches are chosen by a
+pure function of (seed, step), so a run resumed from a checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a constant-with-warmup schedule (SPEC §2) and global-norm clipping."""
+
+    lr: float = 1e-4
+    warmup: int = 200
+    weight_decay: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.warmup < 0 or self.grad_accum < 1 or self.clip_norm <= 0:
+            raise ValueError(f"OptimConfig: need lr > 0, warmup >= 0, grad_accum >= 1, clip_norm > 0; got {self}")
+
+    def schedule(self) -> optax.Schedule:
+        return optax.warmup_constant_schedule(0.0, self.lr, max(self.warmup, 1))
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.clip_by_global_norm(self.clip_norm),
+            optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay),
+        )
+
+
+def init_state(params, optim: OptimConfig, key: jax.Array) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optim.optimizer().init(params),
+            "key": key}
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def make_step(loss_fn: Callable, optim: OptimConfig):
+    """A jitted step `(state, frozen, batch) -> (state, metrics)`, the state donated.
+
+    `loss_fn(params, frozen, micro_batch, key, step) -> (loss, terms)`. `batch` leaves have a leading
+    gradient-accumulation axis of size `optim.grad_accum`; micro-batch gradients are averaged in a `lax.scan`, so memory
+    holds one micro-batch's activations. Metrics: every loss term (averaged), grad norm (before clipping), the learning
+    rate, parameter and update norms.
+    """
+    tx = optim.optimizer()
+    schedule = optim.schedule()
+
+    def step(state, frozen, batch):
+        key = jax.random.fold_in(state["key"], state["step"])
+
+        def micro(carry, inputs):
+            index, micro_batch = inputs
+            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["params"], frozen, micro_batch, jax.random.fold_in(key, index), state["step"])
+            acc_grads, acc_terms = carry
+            return (jax.tree.map(jnp.add, acc_grads, grads), jax.tree.map(jnp.add, acc_terms, terms)), None
+
+        n = optim.grad_accum
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        first = jax.tree.map(lambda x: x[0], batch)
+        term_shapes = jax.eval_shape(lambda: loss_fn(state["params"], frozen, first, key, state["step"])[1])
+        zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), term_shapes)
+        (grads, terms), _ = jax.lax.scan(micro, (zeros, zero_terms), (jnp.arange(n), batch))
+        grads = jax.tree.map(lambda g: g / n, grads)
+        terms = jax.tree.map(lambda t: t / n, terms)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**terms, "grad_norm": _global_norm(grads), "update_norm": _global_norm(updates),
+                   "param_norm": _global_norm(params), "lr": schedule(state["step"])}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "key": state["key"]}, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def batch_indices(seed: int, step: int, size: int, count: int) -> np.ndarray:
+    """Which samples step `step` trains on: a pure function of (seed, step), so resuming reproduces the data order."""
+    return np.random.default_rng([seed, step]).choice(size, count, replace=size < count)
