@@ -80,8 +80,8 @@ def to_jsonable(obj):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item") and np.ndim(obj) == 0:
-        return obj.item()
+    if hasattr(obj, "tolist"):  # numpy and JAX arrays and scalars
+        return np.asarray(obj).tolist()
     return obj
 
 
@@ -159,7 +159,7 @@ def load_models(args, tiny_weights: Path | None = None, announce=print):
     prompt = pick("prompt-embedding", args.prompt_embedding,
                   tiny_weights and tiny_weights / "prompt_embedding.safetensors", load_prompt,
                   lambda: tiny_prompt(t_config, args.seed))
-    return sr.Models(t_params, t_config, v_params, v_config, prompt)
+    return sr.Models(t_params, v_params, prompt, t_config, v_config)
 
 
 def tiny_prompt(config, seed: int):
@@ -194,3 +194,53 @@ def save_grid(path: Path, rows: Sequence[Sequence[np.ndarray]], labels: Sequence
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+class Checkpoints:
+    """Orbax checkpoints of a state pytree: save every N steps and at the end, keep the newest few, resume the newest.
+
+    A checkpoint that does not match the state of this run (another preset, LoRA rank, optimizer) is refused with
+    the differing arrays named, before anything is restored.
+    """
+
+    def __init__(self, directory: Path, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory).absolute()
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state) -> None:
+        self.manager.save(step, args=self._ocp.args.StandardSave(state))
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, template):
+        """(state, step) from the newest checkpoint, shaped like `template`; no checkpoint is an error."""
+        import jax
+
+        from foa_jax import params as P
+
+        step = self.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.directory}")
+        stored = self.manager.item_metadata(step)
+        flat_stored = {k: tuple(v.shape) for k, v in P.flatten(_as_dict(stored)).items()}
+        flat_expected = {k: tuple(np.shape(v)) for k, v in P.flatten(_as_dict(template)).items()}
+        if flat_stored != flat_expected:
+            diff = sorted(set(flat_stored.items()) ^ set(flat_expected.items()))
+            raise ValueError(f"checkpoint {self.directory / str(step)} does not match this run's state "
+                             f"(other preset, LoRA rank or optimizer?); differing entries: {diff[:20]}")
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template)
+        return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract)), int(step)
+
+
+def _as_dict(tree):
+    """Orbax metadata trees and states -> nested plain dicts (sequences keyed by position)."""
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {str(k): _as_dict(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "shape"):
+        return {str(i): _as_dict(v) for i, v in enumerate(tree)}
+    return tree

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 from PIL import Image
 
@@ -56,9 +55,9 @@ def main(argv=None) -> Path:
                              f"{f} px per side")
         up = sr.upsample_lr(lr[None], (h, w))
         cond = sr.condition(models, up)
-        keys = jax.random.split(jax.random.key(args.seed), args.num_samples)
-        samples = [sr.decode(models, sr.generate(models, cond, k, args.sample_steps, grid=(h // f, w // f)), h, w)[0]
-                   for k in keys]
+        samples = [sr.decode(models, sr.generate(models, cond, sr.candidate_noise(args.seed + k, cond.shape),
+                                                 args.sample_steps, (h // f, w // f)), h, w)[0]
+                   for k in range(args.num_samples)]
         grid = common.save_grid(out / f"samples_{index:03d}.png", [[up[0], *samples]],
                                 ["LR bicubic", *[f"seed {i}" for i in range(args.num_samples)]])
         print(f"wrote {grid}")

@@ -92,6 +92,7 @@ class SFTLossConfig:
     lpips_net: str = "vgg"
     charbonnier_eps: float = 1e-3
     timesteps: str = "uniform"
+    pixel_samples: int = 0  # decode only the first k samples of a batch for the pixel terms (0 = all)
 
     def __post_init__(self):
         if self.lambda_pix < 0 or self.lambda_lpips < 0:
@@ -102,6 +103,8 @@ class SFTLossConfig:
             raise ValueError(f"SFTLossConfig.lpips_net must be 'vgg' or 'alex', got {self.lpips_net!r}")
         if self.timesteps not in TIMESTEP_SCHEMES:
             raise ValueError(f"SFTLossConfig.timesteps must be one of {TIMESTEP_SCHEMES}, got {self.timesteps!r}")
+        if self.pixel_samples < 0:
+            raise ValueError(f"SFTLossConfig.pixel_samples must be >= 0, got {self.pixel_samples}")
 
     @property
     def uses_pixels(self) -> bool:
@@ -120,7 +123,8 @@ def sft_loss(
     """L_SFT for a batch {"z": HR tokens, "cond": LR tokens, "hr": HR images in [0, 1]} -> (loss, terms).
 
     Every term is returned (also the ones weighted 0 at this step) so a log shows the whole curve; the pixel terms
-    are skipped entirely (no VAE decode) when both their weights are 0, which is the "FM only" ablation.
+    are skipped entirely (no VAE decode) when both their weights are 0, which is the "FM only" ablation, and use the
+    first `pixel_samples` samples only when that is set (decoding is the expensive part of a small-model step).
     """
     z = batch["z"]
     key_t, key_noise = jax.random.split(key)
@@ -133,11 +137,13 @@ def sft_loss(
     lam_lpips = lpips_weight(step, config.lambda_lpips, config.lpips_start, config.lpips_end)
     terms["lambda_lpips"] = lam_lpips
     if config.uses_pixels:
-        images = decode(predicted_clean(z_t, velocity, t))
-        terms["pix"] = charbonnier(images, batch["hr"], config.charbonnier_eps)
+        k = config.pixel_samples or z.shape[0]
+        images = decode(predicted_clean(z_t[:k], velocity[:k], t[:k]))
+        hr = batch["hr"][:k]
+        terms["pix"] = charbonnier(images, hr, config.charbonnier_eps)
         loss = loss + config.lambda_pix * terms["pix"]
         if config.lambda_lpips > 0:
-            terms["lpips"] = lpips(lpips_params, config.lpips_net, images, batch["hr"])
+            terms["lpips"] = lpips(lpips_params, config.lpips_net, images, hr)
             loss = loss + lam_lpips * terms["lpips"]
     terms["loss"] = loss
     return loss, terms

@@ -7,26 +7,30 @@ Euler trajectory from pure noise; candidates of one pool differ only in the seed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from foa_jax import sampling
 from foa_jax.data.resize import bicubic_upsample
 from foa_jax.models import flux2, vae
 
 
-@dataclass(frozen=True)
+@struct.dataclass
 class Models:
-    """Everything Flux2SR needs besides data: backbone, VAE and the one cached prompt embedding."""
+    """Everything Flux2SR needs besides data: backbone, VAE and the one cached prompt embedding.
+
+    A pytree whose configs are static, so jitted functions take it whole.
+    """
 
     transformer: dict
-    transformer_config: flux2.Flux2Config
     vae: dict
-    vae_config: vae.VAEConfig
     prompt: jax.Array  # (1, L, joint_attention_dim)
+    transformer_config: flux2.Flux2Config = struct.field(pytree_node=False)
+    vae_config: vae.VAEConfig = struct.field(pytree_node=False)
 
     @property
     def txt_ids(self) -> np.ndarray:
@@ -55,23 +59,23 @@ def upsample_lr(lr_images: np.ndarray, hr_size: tuple[int, int]) -> np.ndarray:
     return np.stack([bicubic_upsample(image, hr_size) for image in lr_images])
 
 
+@jax.jit
 def condition(models: Models, lr_upsampled: jax.Array) -> jax.Array:
     """Reference tokens `c` of an upsampled LR batch (B, H, W, 3) in [0, 1]."""
     return vae.encode_tokens(models.vae, models.vae_config, to_model_range(lr_upsampled))
 
 
-def generate(models: Models, cond: jax.Array, key: jax.Array, num_steps: int, guidance: float | None = 1.0,
-             lora: dict | None = None, lora_scale: float = 1.0, grid: tuple[int, int] | None = None) -> jax.Array:
-    """Final packed latents (B, N, C) for reference tokens `cond` (B, N, C), from noise drawn with `key`.
+@functools.partial(jax.jit, static_argnames=("num_steps", "grid", "guidance", "lora_scale"))
+def generate(models: Models, cond: jax.Array, noise: jax.Array, num_steps: int, grid: tuple[int, int],
+             guidance: float | None = 1.0, lora: dict | None = None, lora_scale: float = 1.0) -> jax.Array:
+    """Final packed latents (B, N, C) for reference tokens `cond` (B, N, C), starting from `noise` (B, N, C).
 
-    `grid` is the (h, w) token grid (square if omitted). Guidance is the distilled guidance embedding (SPEC §3: 1.0);
-    models without a guidance embedder must pass None.
+    `grid` is the (h, w) token grid. Guidance is the distilled guidance embedding (SPEC §3: 1.0); it is ignored for
+    models without a guidance embedder (Klein). One compiled program per (shape, steps, grid).
     """
-    b, n, c = cond.shape
-    grid = grid or (int(np.sqrt(n)),) * 2
+    b, n, _ = cond.shape
     if grid[0] * grid[1] != n:
         raise ValueError(f"token grid {grid} does not hold {n} tokens")
-    noise = sampling.noise(key, b, n, c)
     prompt = jnp.broadcast_to(models.prompt, (b, *models.prompt.shape[1:]))
     return sampling.sample(
         models.transformer, models.transformer_config, noise, prompt, sampling.image_ids(grid, [grid]),
@@ -79,6 +83,12 @@ def generate(models: Models, cond: jax.Array, key: jax.Array, num_steps: int, gu
         guidance=guidance if models.transformer_config.guidance_embeds else None, lora=lora, lora_scale=lora_scale)
 
 
+def candidate_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    """The starting noise of candidate `seed`: candidates of a pool differ only in this."""
+    return sampling.noise(jax.random.PRNGKey(seed), *shape)
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width"))
 def decode(models: Models, latents: jax.Array, height: int, width: int) -> jax.Array:
     """Packed latents -> images (B, H, W, 3) in [0, 1]."""
     return to_unit_range(vae.decode_tokens(models.vae, models.vae_config, latents, height, width))

@@ -1,0 +1,71 @@
+"""Experiment plumbing: dotted overrides, JSONL metrics, checkpoints that refuse another run's state."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import common
+from foa_jax import lora, losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    rate: float = 0.1
+    sizes: tuple = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    name: str = "a"
+    inner: Inner = Inner()
+    flag: bool = False
+
+
+def test_dotted_overrides_parse_and_validate():
+    out = common.apply_overrides(Outer(), ["inner.rate=3e-4", "inner.sizes=[4, 5]", "flag=true", "name=b"])
+    assert out == Outer(name="b", inner=Inner(rate=3e-4, sizes=(4, 5)), flag=True)
+    with pytest.raises(ValueError, match=r"unknown config field 'inner.speed': Inner has \['rate', 'sizes'\]"):
+        common.apply_overrides(Outer(), ["inner.speed=1"])
+    with pytest.raises(ValueError, match="not of the form section.field=value"):
+        common.apply_overrides(Outer(), ["inner.rate"])
+    with pytest.raises(ValueError, match="name is a value, not a section"):
+        common.apply_overrides(Outer(), ["name.x=1"])
+
+
+def test_overrides_reach_library_configs_and_their_validation():
+    config = common.apply_overrides(lora.LoRAConfig(), ["rank=8", "alpha=4"])
+    assert config.scale == 0.5
+    with pytest.raises(ValueError, match="lpips_net must be"):
+        common.apply_overrides(losses.SFTLossConfig(), ["lpips_net=squeeze"])
+
+
+def test_metrics_append_and_truncate(tmp_path):
+    metrics = common.Metrics(tmp_path / "m.jsonl")
+    for step in range(5):
+        metrics.write(step=step, loss=np.float32(step) / 2, vec=jnp.arange(2))
+    assert [r["loss"] for r in metrics.read()] == [0, 0.5, 1.0, 1.5, 2.0]
+    metrics.truncate_after(2)
+    assert [r["step"] for r in metrics.read()] == [0, 1, 2]
+
+
+def test_checkpoints_round_trip_and_refuse_a_different_state(tmp_path):
+    state = {"step": jnp.int32(3), "params": {"w": jnp.ones((2, 3))}, "opt": (jnp.zeros(2), {"m": jnp.ones(3)})}
+    checkpoints = common.Checkpoints(tmp_path / "ck")
+    checkpoints.save(3, state)
+    restored, step = checkpoints.restore_latest(state)
+    assert step == 3
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    other = {**state, "params": {"w": jnp.ones((2, 4))}}
+    with pytest.raises(ValueError, match="does not match this run's state"):
+        checkpoints.restore_latest(other)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        common.Checkpoints(tmp_path / "empty").restore_latest(state)
+
+
+def test_prepare_out_refuses_to_overwrite_checkpoints(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "1").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        common.prepare_out(tmp_path / "run", resume=False, config=Outer())
+    assert common.prepare_out(tmp_path / "run", resume=True, config=Outer()) == tmp_path / "run"
