@@ -162,6 +162,21 @@ def load_models(args, tiny_weights: Path | None = None, announce=print):
     return sr.Models(t_params, v_params, prompt, t_config, v_config)
 
 
+def load_flux2sr(args, weights: Path | None, announce=print):
+    """(models, adapter, lora_config) of a trained Flux2SR: a stage's `weights/` folder as `experiments.sft` writes it
+    (`transformer/` for a full-weight run or `lora.safetensors` for a LoRA run, `vae/`, `prompt_embedding.safetensors`)
+    on top of the model flags. `adapter` is None when the transformer itself was trained (the tiny preset).
+    """
+    from ports import lora_io
+
+    models = load_models(args, weights, announce)
+    adapter_file = None if weights is None else Path(weights) / "lora.safetensors"
+    if adapter_file is None or not adapter_file.exists():
+        return models, None, None
+    adapter, lora_config = lora_io.import_lora(adapter_file, models.transformer)
+    return models, adapter, lora_config
+
+
 def tiny_prompt(config, seed: int):
     """The tiny preset has no text encoder: its one prompt is a fixed 4-token random embedding (seeded)."""
     import jax
