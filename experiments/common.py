@@ -52,7 +52,7 @@ def apply_overrides(config, overrides: Sequence[str]):
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form section.field=value")
         dotted, raw = item.split("=", 1)
-        config = _replace_path(config, dotted.split("."), parse_value(raw), dotted)
+        config = _replace_path(config, dotted.split("."), raw, dotted)
     return config
 
 
@@ -65,8 +65,14 @@ def _replace_path(node, path: list[str], value, dotted: str):
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"{dotted!r}: {path[0]} is a value, not a section")
         value = _replace_path(current, path[1:], value, dotted)
-    elif isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
+    elif isinstance(current, str):  # a string field takes the text as written: `remat=none` is "none", not None
+        pass
+    else:
+        value = parse_value(value)
+        if isinstance(current, tuple) and isinstance(value, str):  # `(psnr, ssim)` without quotes
+            value = tuple(parse_value(v.strip()) for v in value.strip("()[]").split(",") if v.strip())
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
     return dataclasses.replace(node, **{path[0]: value})
 
 
@@ -223,7 +229,8 @@ class Checkpoints:
 
         self.directory = Path(directory).absolute()
         self._ocp = ocp
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+                                             item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -242,7 +249,7 @@ class Checkpoints:
         if step is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.directory}")
         stored = self.manager.item_metadata(step)
-        flat_stored = {k: tuple(v.shape) for k, v in P.flatten(_as_dict(stored)).items()}
+        flat_stored = {k: tuple(v.shape) for k, v in P.flatten(_as_dict(stored)).items() if v is not None}
         flat_expected = {k: tuple(np.shape(v)) for k, v in P.flatten(_as_dict(template)).items()}
         if flat_stored != flat_expected:
             diff = sorted(set(flat_stored.items()) ^ set(flat_expected.items()))
@@ -252,8 +259,33 @@ class Checkpoints:
         return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract)), int(step)
 
 
+def train_loop(step_fn, state, frozen, batch_for, steps: int, checkpoints: Checkpoints, metrics: Metrics,
+               checkpoint_every: int, desc: str, shown=("loss",)):
+    """Run `state, metrics = step_fn(state, frozen, batch_for(step))` from the state's step to `steps`, logging every
+    step (all metrics + step time) and checkpointing every `checkpoint_every` steps and at the end. Returns the state.
+    """
+    from tqdm import tqdm
+
+    start = int(state["step"])
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        state, m = step_fn(state, frozen, batch_for(step))
+        m = {k: float(v) for k, v in m.items()}
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"{desc}: loss is {m['loss']} at step {step}; the last good checkpoint is "
+                                     f"step {checkpoints.latest_step()} in {checkpoints.directory}")
+        metrics.write(step=step, step_time=time.perf_counter() - t0, **m)
+        bar.set_postfix({k: f"{m[k]:.4f}" for k in shown})
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            checkpoints.save(step + 1, state)
+    return state
+
+
 def _as_dict(tree):
     """Orbax metadata trees and states -> nested plain dicts (sequences keyed by position)."""
+    if hasattr(tree, "_asdict"):  # optimizer states are namedtuples; orbax metadata keys them by field name
+        tree = tree._asdict()
     if isinstance(tree, dict) or hasattr(tree, "items"):
         return {str(k): _as_dict(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "shape"):

@@ -14,7 +14,6 @@ PSNR/SSIM/LPIPS beside bicubic upsampling and the untrained model.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +49,7 @@ class SFTConfig:
     sample_steps: int = 16
     checkpoint_every: int = 1000
     validation_crops: int = 2  # per held-out photo
+    validate: bool = True  # held-out samples and metrics at the end (off in tests)
     steps: int = 50_000
 
     def __post_init__(self):
@@ -236,15 +236,8 @@ def main(argv=None) -> Path:
     metrics.truncate_after(start - 1)
     step_fn = train.make_step(make_loss(models, config, (size // f, size // f), size), config.optim)
 
-    bar = tqdm(range(start, config.steps), desc="sft", initial=start, total=config.steps)
-    for step in bar:
-        t0 = time.perf_counter()
-        state, m = step_fn(state, frozen, training_batch(cache, args.seed, step, config))
-        m = jax.device_get(m)
-        metrics.write(step=step, step_time=time.perf_counter() - t0, **m)
-        bar.set_postfix(loss=f"{float(m['loss']):.4f}", fm=f"{float(m['fm']):.4f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            checkpoints.save(step + 1, state)
+    state = common.train_loop(step_fn, state, frozen, lambda step: training_batch(cache, args.seed, step, config),
+                              config.steps, checkpoints, metrics, config.checkpoint_every, "sft", ("loss", "fm"))
 
     trained = state["params"]
     if config.mode == "full":
@@ -252,7 +245,8 @@ def main(argv=None) -> Path:
         adapter = None
     else:
         adapter = trained
-    validate(out, models, untrained, adapter, config, args.seed, config.steps, metrics)
+    if config.validate:
+        validate(out, models, untrained, adapter, config, args.seed, config.steps, metrics)
     save_weights(out / "weights", models, adapter, config, args)
     return out
 

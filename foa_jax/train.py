@@ -44,13 +44,19 @@ class OptimConfig:
         )
 
 
-def init_state(params, optim: OptimConfig, key: jax.Array) -> dict:
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optim.optimizer().init(params),
-            "key": key}
+def init_state(params, optim: OptimConfig, key: jax.Array, sharding=None) -> dict:
+    """The train state, placed on `sharding` (default: the first device).
+
+    Placing it explicitly matters: the step returns committed arrays, and a first call with uncommitted ones would
+    compile the whole step a second time on step two.
+    """
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optim.optimizer().init(params),
+             "key": key}
+    return jax.device_put(state, sharding or jax.devices()[0])
 
 
 def _global_norm(tree) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def make_step(loss_fn: Callable, optim: OptimConfig):

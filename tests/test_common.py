@@ -69,3 +69,31 @@ def test_prepare_out_refuses_to_overwrite_checkpoints(tmp_path):
     with pytest.raises(FileExistsError, match="pass --resume"):
         common.prepare_out(tmp_path / "run", resume=False, config=Outer())
     assert common.prepare_out(tmp_path / "run", resume=True, config=Outer()) == tmp_path / "run"
+
+
+def test_a_fresh_process_restores_an_optimizer_state(tmp_path):
+    """Orbax keys namedtuple optimizer states by field name and empty states by None: both must match the template."""
+    import jax
+
+    from foa_jax import train
+
+    optim = train.OptimConfig()
+    state = train.init_state({"w": jnp.arange(3.0)}, optim, jax.random.PRNGKey(0))
+    common.Checkpoints(tmp_path / "ck").save(5, state)
+    restored, step = common.Checkpoints(tmp_path / "ck").restore_latest(state)  # a new manager, as after a restart
+    assert step == 5
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = train.init_state({"w": jnp.arange(4.0)}, optim, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"opt_state\.1\.0\.mu\.w"):
+        common.Checkpoints(tmp_path / "ck").restore_latest(other)
+
+
+def test_string_fields_take_the_text_as_written():
+    @dataclasses.dataclass(frozen=True)
+    class Policy:
+        remat: str = "full"
+        alpha: float | None = 1.0
+
+    assert common.apply_overrides(Policy(), ["remat=none", "alpha=none"]) == Policy(remat="none", alpha=None)
+    assert common.apply_overrides(Inner(), ["sizes=(psnr, ssim,lpips)"]).sizes == ("psnr", "ssim", "lpips")
