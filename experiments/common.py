@@ -150,7 +150,8 @@ def load_models(args, tiny_weights: Path | None = None, announce=print):
 
     t_params, t_config = pick(
         "transformer", args.transformer, tiny_weights and tiny_weights / "transformer", convert.load_transformer,
-        lambda: (flux2.init(flux2.preset(args.preset), jax.random.key(args.seed)), flux2.preset(args.preset)))
+        lambda: (jax.jit(flux2.init, static_argnums=0)(flux2.preset(args.preset), jax.random.key(args.seed)),
+                 flux2.preset(args.preset)))
     v_params, v_config = pick(
         "vae", args.vae, tiny_weights and tiny_weights / "vae", convert.load_vae,
         lambda: (vae.init(vae.VAEConfig.preset("tiny"), jax.random.key(args.seed + 1)), vae.VAEConfig.preset("tiny")))

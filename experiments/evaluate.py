@@ -43,7 +43,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -208,28 +207,13 @@ def check_method_name(name) -> None:
         raise ValueError(f"method name {name!r}: expected letters, digits and _.+- (and not one of {RESERVED_NAMES})")
 
 
-def super_resolve(models: sr.Models, lrs: np.ndarray, hr_size: tuple[int, int], seed: int, steps: int,
-                  guidance: float, adapter=None, lora_scale: float = 1.0) -> np.ndarray:
-    """SR outputs (B, H, W, 3) in [0, 1] for uint8 LR inputs (B, h, w, 3).
-
-    Every input starts from the same noise, candidate `seed` at batch size 1 (what `experiments.sample` draws), so an
-    output does not depend on the batch it runs in; non-square sizes work. (`experiments.sft.super_resolve` draws one
-    noise tensor per batch and takes square sizes only.)
-    """
-    grid = sr.token_grid(models, *hr_size)
-    cond = sr.condition(models, sr.upsample_lr(lrs, hr_size))
-    noise = jnp.broadcast_to(sr.candidate_noise(seed, (1, *cond.shape[1:])), cond.shape)
-    latents = sr.generate(models, cond, noise, steps, grid, guidance, adapter, lora_scale)
-    return np.asarray(sr.decode(models, latents, *hr_size))
-
-
 def run_method(models: sr.Models, method, lrs: np.ndarray, hr_size: tuple[int, int], config: EvalConfig) -> np.ndarray:
     """One method's outputs for an LR batch, rounded to uint8 (what is saved and scored)."""
     if isinstance(method, str):
         images = sr.upsample_lr(lrs, hr_size)
     else:
         adapter, lora_config = method if method is not None else (None, None)
-        images = super_resolve(models, lrs, hr_size, config.seed, config.sample_steps, config.guidance, adapter,
+        images = sr.super_resolve(models, lrs, hr_size, config.seed, config.sample_steps, config.guidance, adapter,
                                lora_config.scale if lora_config else 1.0)
     return to_uint8(images)
 

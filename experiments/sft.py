@@ -136,16 +136,6 @@ def validation_pairs(config: SFTConfig) -> list:
     return [dataset.pair(i) for i in range(dataset.epoch_length)]
 
 
-def super_resolve(models: sr.Models, lrs: np.ndarray, size: int, seed: int, steps: int, guidance: float,
-                  adapter=None, scale: float = 1.0) -> np.ndarray:
-    """SR outputs (B, S, S, 3) in [0, 1] for uint8 LR inputs, one seed for the batch."""
-    f = models.vae_config.token_factor
-    cond = sr.condition(models, sr.upsample_lr(lrs, (size, size)))
-    latents = sr.generate(models, cond, sr.candidate_noise(seed, cond.shape), steps, (size // f, size // f),
-                          guidance, adapter, scale)
-    return np.asarray(sr.decode(models, latents, size, size))
-
-
 def validate(out: Path, models: sr.Models, untrained: sr.Models, adapter, config: SFTConfig, seed: int,
              step: int, metrics: common.Metrics) -> dict:
     """Held-out PSNR/SSIM/LPIPS of bicubic, the untrained model and the trained one; writes an image grid."""
@@ -157,8 +147,8 @@ def validate(out: Path, models: sr.Models, untrained: sr.Models, adapter, config
     size = config.data.gt_size
     outputs = {
         "bicubic": sr.upsample_lr(lrs, (size, size)),
-        "untrained": super_resolve(untrained, lrs, size, seed, config.sample_steps, config.guidance),
-        "flux2sr": super_resolve(models, lrs, size, seed, config.sample_steps, config.guidance, adapter,
+        "untrained": sr.super_resolve(untrained, lrs, (size, size), seed, config.sample_steps, config.guidance),
+        "flux2sr": sr.super_resolve(models, lrs, (size, size), seed, config.sample_steps, config.guidance, adapter,
                                  config.lora.scale),
     }
     scorer = iqa.Scorer(("psnr", "ssim", "lpips"))

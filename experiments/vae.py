@@ -106,7 +106,8 @@ def main(argv=None) -> Path:
     lpips_params = load_lpips_params("alex")
     tx, step_fn = make_step(config, vae_config, args.steps)
     params = vae.init(vae_config, jax.random.PRNGKey(args.seed))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)},
+                           jax.devices()[0])  # committed, as the step returns it: one compilation
     checkpoints = common.Checkpoints(out / "checkpoints")
     state, start = checkpoints.restore_latest(state) if args.resume else (state, 0)
     metrics = common.Metrics(out / "metrics.jsonl")

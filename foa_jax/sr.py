@@ -92,3 +92,17 @@ def candidate_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
 def decode(models: Models, latents: jax.Array, height: int, width: int) -> jax.Array:
     """Packed latents -> images (B, H, W, 3) in [0, 1]."""
     return to_unit_range(vae.decode_tokens(models.vae, models.vae_config, latents, height, width))
+
+
+def super_resolve(models: Models, lrs: np.ndarray, hr_size: tuple[int, int], seed: int, steps: int,
+                  guidance: float | None = 1.0, adapter=None, lora_scale: float = 1.0) -> np.ndarray:
+    """SR outputs (B, H, W, 3) in [0, 1] for uint8 LR inputs (B, h, w, 3).
+
+    Every input starts from the same noise, candidate `seed` drawn at batch size 1, so an output depends neither on
+    the batch it runs in nor on the other inputs; methods compared from one seed see the same noise.
+    """
+    grid = token_grid(models, *hr_size)
+    cond = condition(models, upsample_lr(lrs, hr_size))
+    noise = jnp.broadcast_to(candidate_noise(seed, (1, *cond.shape[1:])), cond.shape)
+    latents = generate(models, cond, noise, steps, grid, guidance, adapter, lora_scale)
+    return np.asarray(decode(models, latents, *hr_size))

@@ -21,7 +21,7 @@ from skimage import data
 from skimage import metrics as skm
 
 from experiments import evaluate as E
-from foa_jax import lora
+from foa_jax import lora, sr
 from foa_jax.models import flux2
 from ports import iqa, lora_io
 
@@ -211,7 +211,7 @@ def test_sr_output_does_not_depend_on_its_batch(run):
     args = types.SimpleNamespace(preset="tiny", transformer=None, vae=None, prompt_embedding=None, seed=0)
     models = common.load_models(args, announce=lambda _: None)
     # the run sampled all three images in one batch; here the second one runs alone
-    alone = E.super_resolve(models, _read(run / "images" / "LR" / "coffee.png")[None], (64, 80), seed=0, steps=2,
+    alone = sr.super_resolve(models, _read(run / "images" / "LR" / "coffee.png")[None], (64, 80), seed=0, steps=2,
                             guidance=1.0)
     in_batch = _read(run / "images" / "flux2sr" / "coffee.png").astype(np.float64) / 255
     assert np.abs(alone[0] - in_batch).max() <= 0.5 / 255 + 1e-5  # equal up to the 8-bit rounding of the saved image
