@@ -520,7 +520,7 @@ def load(path, kind: str, dtype=None):
     A converted checkpoint is checked against the template its config implies before restoring, so a checkpoint of
     another preset or a damaged one fails naming the mismatching arrays.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # orbax reads no metadata through a relative path
     if path.is_dir() and (path / kind).is_dir() and not (path / FOA_CONFIG).exists() and \
             not (path / "config.json").exists():
         path = path / kind  # a pipeline or converted-pipeline root
