@@ -196,3 +196,14 @@ def test_converted_checkpoint_of_another_shape_is_refused(tmp_path, pipeline_dir
         convert.load_transformer(out)
     with pytest.raises(convert.CheckpointMismatch, match="holds a 'transformer' checkpoint, expected 'vae'"):
         convert.load_vae(out)
+
+
+def test_a_saved_checkpoint_loads_through_a_relative_path(tmp_path, monkeypatch):
+    config = vae.VAEConfig.preset("tiny")
+    params = vae.init(config, jax.random.PRNGKey(0))
+    convert.save(tmp_path / "weights" / "vae", params, config, convert.KINDS["vae"], "test")
+    monkeypatch.chdir(tmp_path)
+    loaded, loaded_config = convert.load_vae("weights/vae")
+    assert loaded_config == config
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
