@@ -159,3 +159,118 @@ def test_bad_inputs_name_expected_and_actual():
             flux2.apply(params, CONFIG, **{**base, **change})
     with pytest.raises(ValueError, match="no guidance embedder"):
         flux2.apply(params, CONFIG.replace(guidance_embeds=False), **base, guidance=TIMESTEPS)
+
+
+# ------------------------------------------------------------------------------------------- chunked attention
+
+ATTN_SHAPE = (2, 37, 4, 16)  # B, S, H, Dh: 37 tokens is no multiple of any chunk (chunks are multiples of 8)
+TINY_BUDGET = 2 * 2 * 37 * 8 * 8  # float64 scores of 2 heads x 8 rows: 5 chunks of 8 rows, heads in 2 groups of 2
+
+
+def _attn_inputs(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (2.0 * rng.standard_normal(ATTN_SHAPE) for _ in range(3))  # x2: peaked softmax rows
+    weights = rng.standard_normal((*ATTN_SHAPE[:2], ATTN_SHAPE[2] * ATTN_SHAPE[3]))
+    return [a.astype(dtype) for a in (q, k, v)], weights.astype(dtype)
+
+
+def _torch_attention_and_grads(q, k, v, weights):
+    """Direct softmax(q·kᵀ/√d)·v in float64 torch and the gradients of sum(out · weights) (a random linear map)."""
+    tq, tk, tv = (torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (q, k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", tq, tk) / np.sqrt(q.shape[-1])
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), tv).reshape(*q.shape[:2], -1)
+    (out * torch.from_numpy(np.asarray(weights, np.float64))).sum().backward()
+    return out.detach().numpy(), [t.grad.numpy() for t in (tq, tk, tv)]
+
+
+def _jax_attention_and_grads(q, k, v, weights, budget):
+    def linear_functional(q, k, v):
+        return jnp.sum(flux2.attention(q, k, v, budget).astype(weights.dtype) * weights)
+
+    out = jax.jit(flux2.attention, static_argnums=3)(q, k, v, budget)
+    grads = jax.jit(jax.grad(linear_functional, argnums=(0, 1, 2)))(q, k, v)
+    return np.asarray(out, np.float64), [np.asarray(g, np.float64) for g in grads]
+
+
+def test_attention_plan_chunks_and_head_groups():
+    b, s, h, _ = ATTN_SHAPE
+    assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET) == (2, 8)
+    assert flux2._attention_plan(b, h, s, s, 8, 2 * b * h * 8 * s * 8) == (4, 16)  # 37 rows: 3 chunks of 16
+    assert flux2._attention_plan(b, h, s, s, 8, 10**9) == (4, 40)  # one chunk, padded to 40 rows
+    # The small benchmark config (4 heads, 1024 + 1024 + 64 tokens): 4 chunks of 528 rows, 17.0 MiB of scores.
+    assert flux2._attention_plan(1, 4, 2112, 2112, 4, flux2.SCORE_BUDGET_BYTES) == (4, 528)
+    # FLUX.2-dev, 4096 target + 4096 reference + 512 text tokens: 8 rows of all 48 heads fit at batch 1; at batch 4
+    # heads go in groups of 16 (4·16·8·8704·4 B = 17.0 MiB).
+    assert flux2._attention_plan(1, 48, 8704, 8704, 4, flux2.SCORE_BUDGET_BYTES) == (48, 8)
+    assert flux2._attention_plan(4, 48, 8704, 8704, 4, flux2.SCORE_BUDGET_BYTES) == (16, 8)
+    for batch, heads, length in ((1, 4, 2112), (1, 48, 8704), (4, 48, 8704), (3, 5, 1000), (1, 1, 7)):
+        group, chunk = flux2._attention_plan(batch, heads, length, length, 4, flux2.SCORE_BUDGET_BYTES)
+        count = -(-length // chunk)
+        assert chunk % 8 == 0 and heads % group == 0 and count * chunk - length < 8 * count
+        assert batch * group * chunk * length * 4 <= flux2.SCORE_BUDGET_BYTES
+
+
+@pytest.mark.parametrize("precision,tol", [("float64", 1e-12), ("float32", 2e-5)])
+@pytest.mark.parametrize("budget", [TINY_BUDGET, None])
+def test_chunked_attention_and_gradients_match_direct_softmax(precision, tol, budget):
+    with jax.enable_x64(precision == "float64"):
+        (q, k, v), weights = _attn_inputs(np.dtype(precision))
+        out, grads = _jax_attention_and_grads(q, k, v, weights, budget)
+    expected, expected_grads = _torch_attention_and_grads(q, k, v, weights)
+    scale = np.max(np.abs(expected))
+    print(f"{precision} budget {budget}: max abs diff out {np.max(np.abs(out - expected)):.2e}")
+    assert np.max(np.abs(out - expected)) <= tol * scale
+    for name, got, want in zip("qkv", grads, expected_grads):
+        print(f"  d{name} max abs diff {np.max(np.abs(got - want)):.2e} (max |d{name}| {np.max(np.abs(want)):.2e})")
+        assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
+
+
+def test_chunked_attention_bf16_runs_and_is_close():
+    (q, k, v), weights = _attn_inputs(np.float32)
+    expected, expected_grads = _torch_attention_and_grads(q, k, v, weights)
+    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    out, grads = _jax_attention_and_grads(*bf16, jnp.asarray(weights), TINY_BUDGET // 2)  # same plan as float64
+    assert jax.eval_shape(flux2.attention, *bf16).dtype == jnp.bfloat16
+    for got, want in zip([out, *grads], [expected, *expected_grads]):
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 0.02, rel
+
+
+def test_forward_and_gradients_match_diffusers_with_many_attention_chunks(torch_model, monkeypatch):
+    """The whole float64 model with attention chunks of 8 rows and heads one at a time, through scanned,
+    rematerialised blocks: output and the gradients of every weight (of a random linear functional of the output)
+    match diffusers' autograd."""
+    from ports import convert
+
+    x, ctx, img_ids, txt_ids = _inputs(2, 9)
+    cotangent = np.random.default_rng(1).standard_normal((len(TIMESTEPS), len(img_ids), CONFIG.in_channels))
+    with torch.enable_grad():
+        out = torch_model(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(ctx),
+                          timestep=torch.from_numpy(TIMESTEPS), img_ids=torch.from_numpy(img_ids),
+                          txt_ids=torch.from_numpy(txt_ids)).sample
+        (out * torch.from_numpy(cotangent)).sum().backward()
+    expected = out.detach().numpy()
+    # No guidance was given: the guidance embedder gets no gradient in torch (None) and zeros in JAX.
+    torch_grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                   for name, p in torch_model.named_parameters()}
+    torch_model.zero_grad(set_to_none=True)
+
+    seq = len(img_ids) + 9
+    monkeypatch.setattr(flux2, "SCORE_BUDGET_BYTES", len(TIMESTEPS) * 8 * seq * 8)
+    assert flux2._attention_plan(len(TIMESTEPS), 2, seq, seq, 8, flux2.SCORE_BUDGET_BYTES) == (1, 8)
+    with jax.enable_x64(True):
+        template = lambda: flux2.init(CONFIG, jax.random.key(0))  # noqa: E731
+        params = torch_reference.jax_params(torch_model, template, flux2.STACKS, dtype=np.float64)
+        expected_grads = convert.from_state_dict(jax.eval_shape(template), torch_grads, flux2.STACKS, np.float64)
+        config = CONFIG.replace(dtype="float64", remat="full")
+
+        def functional(p):
+            prediction = flux2.apply(p, config, x, ctx, TIMESTEPS, img_ids, txt_ids)
+            return jnp.sum(prediction * cotangent), prediction
+
+        (_, prediction), grads = jax.jit(jax.value_and_grad(functional, has_aux=True))(params)
+    assert np.max(np.abs(np.asarray(prediction) - expected)) <= 1e-7
+    # diffusers keeps RoPE and the time embedding in float32 inside a float64 model (see above): ~1e-7 relative.
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads)):
+        got, want = np.asarray(got), np.asarray(want)
+        assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want)), jax.tree_util.keystr(path)

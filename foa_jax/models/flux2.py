@@ -263,16 +263,126 @@ def _heads(x: jax.Array, head_dim: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked softmax attention over (B, S, H, Dh), scale 1/sqrt(Dh); returns (B, S, H·Dh).
+# Scores of one query chunk, (B, H_group, chunk, S_kv) in the softmax dtype, are kept under this many bytes: with
+# the probabilities and their low-precision copy that is a few such buffers, which stay inside a 32 MiB L3 cache.
+SCORE_BUDGET_BYTES = 18 * 2**20
+_ROWS = 8  # query chunks are a multiple of 8 rows (the CPU's SIMD width in float32)
 
-    The softmax runs in at least float32 (float64 stays float64, which `jax.nn.dot_product_attention` would not do).
+
+def _attention_plan(batch: int, heads: int, q_len: int, kv_len: int, itemsize: int, budget: int) -> tuple[int, int]:
+    """(heads per group, query chunk) so one chunk's scores `batch·group·chunk·kv_len·itemsize` fit `budget`.
+
+    Chunks are multiples of 8 rows and as equal as the chunk count allows (a 2112-token sequence is 4 chunks of 528,
+    not 3 of 552 plus padding). When even 8 rows of every head exceed the budget (FLUX.2-dev at long sequences or
+    large batches), heads are processed in groups, the largest divisor of the head count that fits; a single head of
+    8 rows is the floor, so the budget bounds memory only down to `batch·8·kv_len·itemsize`.
     """
+    rows = budget // max(batch * kv_len * itemsize, 1)
+    if rows < heads * _ROWS:
+        group = max([g for g in range(1, heads + 1) if heads % g == 0 and g * _ROWS <= rows], default=1)
+        return group, _ROWS
+    padded_len = -(-q_len // _ROWS) * _ROWS
+    chunk = min(rows // heads // _ROWS * _ROWS, padded_len)
+    count = -(-q_len // chunk)
+    return heads, -(-q_len // (count * _ROWS)) * _ROWS
+
+
+def _chunk_scores(q, k, softmax_dtype):
+    """Raw scores q·kᵀ (B, H, c, S) in the softmax dtype; the 1/sqrt(Dh) scale is applied inside the fused exp."""
+    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=softmax_dtype)
+
+
+def _chunk_forward(q, k, v, scale):
+    """Softmax attention of one query chunk (B, H, c, Dh): output in v's dtype and the row logsumexp (B, H, c)."""
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=softmax_dtype) / math.sqrt(q.shape[-1])
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out.reshape(*out.shape[:2], -1)
+    scores = _chunk_scores(q, k, softmax_dtype)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp((scores - peak) * scale)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=softmax_dtype) / total
+    return out.astype(v.dtype), (peak * scale + jnp.log(total))[..., 0]
+
+
+@jax.custom_vjp
+def _chunked_attention(q_chunks, k, v):
+    """Attention with queries pre-split into chunks (n, B, H, c, Dh) against k, v (B, H, S, Dh).
+
+    `lax.map` runs one chunk at a time, so only one chunk's score matrix exists; the backward pass (below) recomputes
+    each chunk's probabilities from the saved row logsumexp instead of storing the (B, H, S, S) matrix.
+    """
+    return _chunked_attention_fwd(q_chunks, k, v)[0]
+
+
+def _chunked_attention_fwd(q_chunks, k, v):
+    scale = 1.0 / math.sqrt(q_chunks.shape[-1])
+    out, lse = jax.lax.map(lambda q: _chunk_forward(q, k, v, scale), q_chunks)
+    return out, (q_chunks, k, v, out, lse)
+
+
+def _chunked_attention_bwd(residuals, d_out):
+    """Flash-attention backward: per chunk P = exp(s − lse), dV += Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)),
+    dQ = dS·K, dK += dSᵀ·Q; dK and dV accumulate in the softmax dtype across a `lax.scan` over chunks."""
+    q_chunks, k, v, out, lse = residuals
+    softmax_dtype = jnp.promote_types(q_chunks.dtype, jnp.float32)
+    scale = 1.0 / math.sqrt(q_chunks.shape[-1])
+
+    def step(carry, chunk):
+        dk, dv = carry
+        q, do, o, row_lse = chunk
+        probs = jnp.exp(_chunk_scores(q, k, softmax_dtype) * scale - row_lse[..., None])
+        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", probs.astype(do.dtype), do, preferred_element_type=softmax_dtype)
+        d_probs = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=softmax_dtype)
+        row_dot = jnp.sum(do.astype(softmax_dtype) * o.astype(softmax_dtype), axis=-1, keepdims=True)
+        d_scores = (probs * (d_probs - row_dot) * scale).astype(q.dtype)
+        dq = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k, preferred_element_type=softmax_dtype).astype(q.dtype)
+        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", d_scores, q, preferred_element_type=softmax_dtype)
+        return (dk, dv), dq
+
+    zeros = (jnp.zeros(k.shape, softmax_dtype), jnp.zeros(v.shape, softmax_dtype))
+    (dk, dv), dq = jax.lax.scan(step, zeros, (q_chunks, d_out, out, lse))
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
+
+
+def _attention_heads(q, k, v, chunk):
+    """(B, S, H, Dh) q/k/v -> (B, S, H, Dh) output: pad queries to whole chunks, attend, drop the padding.
+
+    Padded query rows are zeros; their outputs are discarded and their cotangents are zero, so they add nothing to dk
+    or dv.
+    """
+    b, s, h, d = q.shape
+    count = -(-s // chunk)
+    q = jnp.pad(q, ((0, 0), (0, count * chunk - s), (0, 0), (0, 0)))
+    q_chunks = q.reshape(b, count, chunk, h, d).transpose(1, 0, 3, 2, 4)
+    out = _chunked_attention(q_chunks, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, count * chunk, h, d)[:, :s]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, score_budget: int | None = None) -> jax.Array:
+    """Unmasked softmax attention over (B, S, H, Dh), scale 1/sqrt(Dh); returns (B, S, H·Dh) in v's dtype.
+
+    Memory-bound on the CPU if done naively: the small config's (1, 4, 2112, 2112) float32 score matrix is 71 MB,
+    more than the L3 cache, and a plain softmax streams it several times. Queries are therefore processed in chunks
+    whose scores fit `score_budget` bytes (default: the module's `SCORE_BUDGET_BYTES`, read at trace time; see
+    `_attention_plan`), with a flash-style custom backward, so neither pass materialises the full matrix. The
+    softmax runs in at least float32 (float64 stays float64, which `jax.nn.dot_product_attention` would not do);
+    bf16 matmuls accumulate in float32.
+    """
+    b, s, h, d = q.shape
+    softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    budget = SCORE_BUDGET_BYTES if score_budget is None else score_budget
+    group, chunk = _attention_plan(b, h, s, k.shape[1], jnp.dtype(softmax_dtype).itemsize, budget)
+    if group == h:
+        out = _attention_heads(q, k, v, chunk)
+    else:
+        def split(x):
+            return jnp.moveaxis(x.reshape(*x.shape[:2], h // group, group, d), 2, 0)
+
+        out = jax.lax.map(lambda qkv: _attention_heads(*qkv, chunk), (split(q), split(k), split(v)))
+        out = jnp.moveaxis(out, 0, 2)
+    return out.reshape(b, s, h * d)
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
