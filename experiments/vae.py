@@ -1,6 +1,6 @@
 """Train the FLUX.2 VAE architecture at tiny width as an autoencoder, for the tiny preset (there is no pretrained one).
 
-    python -m experiments.vae [--steps 900] [--out runs/foa/vae]
+    python -m experiments.vae [--steps 600] [--out runs/foa/vae]
 
 L1 + LPIPS(alex) reconstruction on random crops of the bundled training photos, AdamW with a cosine-decaying
 learning rate (a constant one stalls, TINY.md), then the BN statistics that FLUX.2 uses to normalise latents are
@@ -96,7 +96,7 @@ def held_out_images(size: int) -> np.ndarray:
 
 
 def main(argv=None) -> Path:
-    p = common.parser(__doc__.split("\n\n")[0], "runs/foa/vae", default_steps=900)
+    p = common.parser(__doc__.split("\n\n")[0], "runs/foa/vae", default_steps=600)
     args = p.parse_args(argv)
     config = common.apply_overrides(VAETrainConfig(), args.overrides)
     out = common.prepare_out(args.out, args.resume, config)

@@ -81,13 +81,18 @@ def make_step(loss_fn: Callable, optim: OptimConfig):
             return (jax.tree.map(jnp.add, acc_grads, grads), jax.tree.map(jnp.add, acc_terms, terms)), None
 
         n = optim.grad_accum
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        first = jax.tree.map(lambda x: x[0], batch)
-        term_shapes = jax.eval_shape(lambda: loss_fn(state["params"], frozen, first, key, state["step"])[1])
-        zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), term_shapes)
-        (grads, terms), _ = jax.lax.scan(micro, (zeros, zero_terms), (jnp.arange(n), batch))
-        grads = jax.tree.map(lambda g: g / n, grads)
-        terms = jax.tree.map(lambda t: t / n, terms)
+        if n == 1:  # no loop: XLA:CPU runs convolutions inside a while loop body several times slower
+            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["params"], frozen, jax.tree.map(lambda x: x[0], batch), jax.random.fold_in(key, 0),
+                state["step"])
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            first = jax.tree.map(lambda x: x[0], batch)
+            term_shapes = jax.eval_shape(lambda: loss_fn(state["params"], frozen, first, key, state["step"])[1])
+            zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), term_shapes)
+            (grads, terms), _ = jax.lax.scan(micro, (zeros, zero_terms), (jnp.arange(n), batch))
+            grads = jax.tree.map(lambda g: g / n, grads)
+            terms = jax.tree.map(lambda t: t / n, terms)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {**terms, "grad_norm": _global_norm(grads), "update_norm": _global_norm(updates),
