@@ -48,8 +48,10 @@ def init_state(params, optim: OptimConfig, key: jax.Array, sharding=None) -> dic
     """The train state, placed on `sharding` (default: the first device).
 
     Placing it explicitly matters: the step returns committed arrays, and a first call with uncommitted ones would
-    compile the whole step a second time on step two.
+    compile the whole step a second time on step two. `params` are copied: the step donates the state, which must not
+    delete the caller's arrays (e.g. the untrained model kept for comparison).
     """
+    params = jax.tree.map(jnp.array, params)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optim.optimizer().init(params),
              "key": key}
     return jax.device_put(state, sharding or jax.devices()[0])

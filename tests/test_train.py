@@ -66,10 +66,12 @@ def test_step_matches_numpy_adamw_and_accumulation_equals_one_batch(accum):
 def test_state_is_donated():
     optim = train.OptimConfig(lr=0.1, warmup=0)
     step = train.make_step(_loss, optim)
-    state = train.init_state(_params(), optim, jax.random.PRNGKey(0))
+    params = _params()
+    state = train.init_state(params, optim, jax.random.PRNGKey(0))
     old_w = state["params"]["w"]
     step(state, {"scale": jnp.float32(1.0)}, {k: v[None] for k, v in _data().items()})
     assert old_w.is_deleted()
+    assert not params["w"].is_deleted()  # the caller's arrays survive: the state holds a copy
 
 
 def test_batch_indices_are_a_pure_function_of_seed_and_step():
