@@ -669,9 +669,10 @@ def table(results: dict) -> list[str]:
     def line(name, jax_ms, torch_ms, agreement="", unit="ms"):
         lines.append(f"{name:<34}{jax_ms:>9.0f} {unit}{torch_ms:>9.0f} {unit}{jax_ms / torch_ms:>10.2f}x  {agreement}")
 
-    for work, row in results.get("transformer", {}).items():
-        if work == "compile":
+    for work in ("tiny", "small"):
+        if work not in results.get("transformer", {}):
             continue
+        row = results["transformer"][work]
         agree = f"max|Δout| {row['max_abs_diff_out']:.1e}"
         line(f"transformer {work} forward", row["jax_fwd"]["median_ms"], row["torch_fwd"]["median_ms"], agree)
         line(f"transformer {work} forward+backward", row["jax_fwd_bwd"]["median_ms"],
@@ -758,14 +759,14 @@ def main(argv=None) -> dict:
                   f"most (see `others_cpu`)", flush=True)
     results["machine"]["total_s"] = time.perf_counter() - start
     results["machine"]["load_at_end"] = load()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(common.to_jsonable(results), indent=1))
     print()
     print("\n".join(table(results)))
     busy = {name: round(results[name]["others_cpu_cores_before"], 2) for name in args.only}
     print(f"other jobs' CPU use (cores) before each section: {busy}")
     print(f"load average (1/5/15 min) at start {results['machine']['load_at_start']}, at end "
           f"{results['machine']['load_at_end']}; {os.cpu_count()} CPUs; total {results['machine']['total_s']:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(common.to_jsonable(results), indent=1))
     print(f"wrote {args.out / 'bench.json'}")
     return results
 
