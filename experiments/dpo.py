@@ -119,7 +119,7 @@ def train_profile(args, profile: str, pairs_dir: Path, sft_weights: Path, out: P
     models = models.replace(transformer=base, transformer_config=t_config)
     policy = reference if reference is not None else lora_lib.init(base, lora_config, jax.random.PRNGKey(args.seed))
     frozen = {"transformer": base, "reference": reference}
-    state = train.init_state(jax.tree.map(jnp.array, policy), config.optim, jax.random.PRNGKey(args.seed))
+    state = train.init_state(policy, config.optim, jax.random.PRNGKey(args.seed))  # copies: the reference stays
     checkpoints = common.Checkpoints(out / "checkpoints")
     if args.resume and checkpoints.latest_step() is not None:
         state, start = checkpoints.restore_latest(state)
