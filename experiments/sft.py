@@ -66,14 +66,16 @@ PRESETS = {
     "klein-4b": SFTConfig(),
     "klein-9b": SFTConfig(),
     # Trains on 128-px crops (64 tokens + 64 reference tokens: ~4x cheaper than 256 px) and validates at 256 px, the
-    # size mining and evaluation use (RoPE makes the transformer size-agnostic); pixel terms on two of the eight samples
-    # per step with LPIPS-Alex (decoding through the VAE is the expensive part of a step). Sized for ~5 min here.
+    # size mining and evaluation use (RoPE makes the transformer size-agnostic). Flow matching only: decoding through
+    # the VAE for the pixel terms costs more than the transformer here (0.16 s per step without them, 0.28 s with one
+    # decoded sample of eight), and in the same time FM-only training is better on held-out PSNR/SSIM (17.64 dB /
+    # 0.483 after 640 steps against 16.08 dB / 0.414 after 320 steps with Charbonnier + LPIPS-Alex on one sample;
+    # LPIPS 0.828 against 0.775). Sized with the VAE stage for 5 min here.
     "tiny": SFTConfig(
-        mode="full", bf16=False, remat="none", batch=8, samples=512, steps=600, checkpoint_every=200,
+        mode="full", bf16=False, remat="none", batch=8, samples=256, steps=560, checkpoint_every=280,
         data=dataclasses.replace(DataConfig.preset("tiny"), gt_size=128), validation_size=256,
         optim=train.OptimConfig(lr=3e-4, warmup=50, weight_decay=0.0),
-        loss=losses.SFTLossConfig(lambda_pix=1.0, lambda_lpips=0.5, lpips_start=200, lpips_end=450,
-                                  lpips_net="alex", pixel_samples=2),
+        loss=losses.SFTLossConfig(lambda_pix=0.0, lambda_lpips=0.0, lpips_net="alex"),
     ),
 }
 
