@@ -138,10 +138,9 @@ def load_models(args, tiny_weights: Path | None = None, announce=print):
     from ports import convert, text_encoder
 
     def pick(flag: str, path: Path | None, stored: Path | None, load, random_init):
-        if path is not None:
-            return load(path)
-        if stored is not None and stored.exists():
-            return load(stored)
+        source = _source(path, stored)
+        if source is not None:
+            return load(source)
         if args.preset != "tiny":
             raise FileNotFoundError(f"--{flag} is required for preset {args.preset!r}: convert the FLUX.2 weights with "
                                     f"`python -m ports.convert` and pass the output folder")
@@ -167,6 +166,55 @@ def load_models(args, tiny_weights: Path | None = None, announce=print):
                   tiny_weights and tiny_weights / "prompt_embedding.safetensors", load_prompt,
                   lambda: tiny_prompt(t_config, args.seed))
     return sr.Models(t_params, v_params, prompt, t_config, v_config)
+
+
+def _source(path: Path | None, stored: Path | None) -> Path | None:
+    """The file a model part is read from: the flag's path, else the stage's stored one if it exists, else None."""
+    if path is not None:
+        return Path(path)
+    return stored if stored is not None and stored.exists() else None
+
+
+def model_sources(args, weights: Path | None) -> list[Path] | None:
+    """Every file or folder `load_flux2sr(args, weights)` reads, or None when some part is a random initialisation."""
+    weights = None if weights is None else Path(weights)
+    parts = [(args.transformer, "transformer"), (args.vae, "vae"), (args.prompt_embedding, "prompt_embedding.safetensors")]
+    sources = [_source(path, weights and weights / name) for path, name in parts]
+    if any(source is None for source in sources):
+        return None
+    adapter = weights and weights / "lora.safetensors"
+    return sources + ([adapter] if adapter is not None and adapter.exists() else [])
+
+
+def cached_fingerprint(sources: Sequence[Path] | None, compute) -> str:
+    """`compute()` (a content hash of loaded weights), remembered per state of the `sources` files.
+
+    Hashing FLUX.2-dev's 64 GB takes minutes and mining, every DPO profile and the pipeline's pair check each need the
+    hash of the same checkpoint. The key is every file's absolute path, size and modification time (`st_mtime_ns`), so
+    rewriting a file recomputes it; the value lives in `$FOA_FINGERPRINT_CACHE` (default
+    `~/.cache/foa-jax/fingerprints`). Without sources (random tiny initialisations) it is computed every time.
+    """
+    import hashlib
+    import os
+
+    if not sources:
+        return compute()
+    signature = hashlib.sha256()
+    for source in sources:
+        source = Path(source).resolve()
+        for file in sorted([source] if source.is_file() else [f for f in source.rglob("*") if f.is_file()]):
+            stat = file.stat()
+            signature.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    folder = Path(os.environ.get("FOA_FINGERPRINT_CACHE", Path.home() / ".cache" / "foa-jax" / "fingerprints"))
+    record = folder / f"{signature.hexdigest()}.txt"
+    if record.exists():
+        return record.read_text().strip()
+    value = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(value)
+    tmp.replace(record)
+    return value
 
 
 def load_flux2sr(args, weights: Path | None, announce=print):

@@ -103,8 +103,8 @@ def train_profile(args, profile: str, pairs_dir: Path, sft_weights: Path, out: P
     if profile not in rewards.PROFILES:
         raise ValueError(f"--profile: expected one of {rewards.PROFILES}, got {profile!r}")
     models, reference, sft_lora = common.load_flux2sr(args, sft_weights)
-    pairs = mine_stage.load_pairs(pairs_dir / f"pairs_{profile}.npz", mine_stage.sft_fingerprint(models, reference),
-                                  args.preset)
+    fingerprint = mine_stage.sft_fingerprint(models, reference, common.model_sources(args, sft_weights))
+    pairs = mine_stage.load_pairs(pairs_dir / f"pairs_{profile}.npz", fingerprint, args.preset)
     if len(pairs["gap"]) == 0:
         raise ValueError(f"{pairs_dir}/pairs_{profile}.npz holds no pairs (every gap was below τ = "
                          f"{pairs['meta']['reward']['gap_threshold']}): mine more inputs or lower reward.gap_threshold")
@@ -206,7 +206,7 @@ def _pairs_match(args, mine_dir: Path, sft_weights: Path) -> bool:
     if not all((mine_dir / f"pairs_{p}.npz").exists() for p in rewards.PROFILES):
         return False
     models, adapter, _ = common.load_flux2sr(args, sft_weights, announce=lambda _: None)
-    fingerprint = mine_stage.sft_fingerprint(models, adapter)
+    fingerprint = mine_stage.sft_fingerprint(models, adapter, common.model_sources(args, sft_weights))
     try:
         for p in rewards.PROFILES:
             mine_stage.load_pairs(mine_dir / f"pairs_{p}.npz", fingerprint, args.preset)

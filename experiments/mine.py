@@ -139,14 +139,16 @@ def candidate_seed(run_seed: int, input_index: int, candidate: int) -> int:
     return int(state[0] >> 1)
 
 
-def sft_fingerprint(models: sr.Models, adapter) -> str:
+def sft_fingerprint(models: sr.Models, adapter, sources=None) -> str:
     """Identity of the model that drew the candidates: transformer, adapter, VAE and prompt embedding.
 
     The DPO stage computes it for the checkpoint it starts from and `load_pairs` compares: pairs mined with another
-    model (or another VAE, which changes the latent space) are refused.
+    model (or another VAE, which changes the latent space) are refused. `sources`, the files the models were read
+    from (`common.model_sources`), let it be computed once per checkpoint instead of once per stage.
     """
     tree = {"transformer": models.transformer, "adapter": adapter or {}, "vae": models.vae, "prompt": models.prompt}
-    return cache_lib.fingerprint(tree)  # leaf by leaf: a full-size model is never copied to the host at once
+    # leaf by leaf: a full-size model is never copied to the host at once
+    return common.cached_fingerprint(sources, lambda: cache_lib.fingerprint(tree))
 
 
 def generate_pool(models: sr.Models, adapter, lora_scale: float, lr: np.ndarray, size: tuple[int, int],
@@ -434,7 +436,7 @@ def main(argv=None) -> Path:
                          f"{models.vae_config.token_factor} pixels per token")
     source = FolderPhotos(args.hr) if args.hr else photos.split(min_side=config.data.gt_size)[0]
     dataset = Dataset(config.data, source, report=print)
-    fingerprint = sft_fingerprint(models, adapter)
+    fingerprint = sft_fingerprint(models, adapter, common.model_sources(args, args.sft))
     _check_identity(out, _identity(config, args.preset, args.seed, fingerprint, dataset), finished)
     common.prepare_out(out, args.resume, config)
 

@@ -97,3 +97,47 @@ def test_string_fields_take_the_text_as_written():
 
     assert common.apply_overrides(Policy(), ["remat=none", "alpha=none"]) == Policy(remat="none", alpha=None)
     assert common.apply_overrides(Inner(), ["sizes=(psnr, ssim,lpips)"]).sizes == ("psnr", "ssim", "lpips")
+
+
+def test_cached_fingerprint_is_computed_once_per_file_state(tmp_path, monkeypatch):
+    """The expensive content hash runs once for unchanged files, again when one is rewritten, always without sources."""
+    import os
+
+    monkeypatch.setenv("FOA_FINGERPRINT_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "weights"
+    (weights / "transformer").mkdir(parents=True)
+    shard = weights / "transformer" / "shard.bin"
+    shard.write_bytes(b"a" * 64)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return f"hash{len(calls)}"
+
+    assert common.cached_fingerprint([weights], compute) == "hash1"
+    assert common.cached_fingerprint([weights], compute) == "hash1"
+    assert len(calls) == 1
+    shard.write_bytes(b"b" * 64)  # same size: the modification time tells them apart
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert common.cached_fingerprint([weights], compute) == "hash2"
+    assert common.cached_fingerprint(None, compute) == "hash3"
+    assert common.cached_fingerprint(None, compute) == "hash4"
+
+
+def test_model_sources_name_every_file_a_stage_loads(tmp_path):
+    import argparse
+
+    weights = tmp_path / "weights"
+    (weights / "transformer").mkdir(parents=True)
+    (weights / "vae").mkdir()
+    args = argparse.Namespace(transformer=None, vae=None, prompt_embedding=None)
+    assert common.model_sources(args, weights) is None  # no prompt embedding: a random one would be drawn
+    (weights / "prompt_embedding.safetensors").write_bytes(b"")
+    assert common.model_sources(args, weights) == [weights / "transformer", weights / "vae",
+                                                   weights / "prompt_embedding.safetensors"]
+    (weights / "lora.safetensors").write_bytes(b"")
+    args.vae = tmp_path / "converted_vae"
+    assert common.model_sources(args, weights) == [weights / "transformer", tmp_path / "converted_vae",
+                                                   weights / "prompt_embedding.safetensors",
+                                                   weights / "lora.safetensors"]
