@@ -178,7 +178,8 @@ def _source(path: Path | None, stored: Path | None) -> Path | None:
 def model_sources(args, weights: Path | None) -> list[Path] | None:
     """Every file or folder `load_flux2sr(args, weights)` reads, or None when some part is a random initialisation."""
     weights = None if weights is None else Path(weights)
-    parts = [(args.transformer, "transformer"), (args.vae, "vae"), (args.prompt_embedding, "prompt_embedding.safetensors")]
+    parts = [(args.transformer, "transformer"), (args.vae, "vae"),
+             (args.prompt_embedding, "prompt_embedding.safetensors")]
     sources = [_source(path, weights and weights / name) for path, name in parts]
     if any(source is None for source in sources):
         return None
