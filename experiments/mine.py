@@ -110,11 +110,11 @@ class MineConfig:
         return tuple(sorted({*self.nested_pool_sizes, self.pool_size}))
 
 
-# Tiny: metrics that run offline, sized for ~3 minutes on 2 CPU cores. Per input (8 candidates of 256 px) sampling and
-# decoding cost ~6-8 CPU-s and scoring ~3.5 CPU-s (NIQE half of it). DISTS is left out of R_F: ~1.7 CPU-s per
-# candidate, twice all other metrics together; `"reward.faithful_metrics=('psnr','ssim','lpips','dists')"` restores
-# the paper's R_F. PIQE joins NIQE in R_A because a single metric makes every Aesthetic gap ~1.
-TINY_REWARD = rewards.RewardConfig(faithful_metrics=("psnr", "ssim", "lpips"), aesthetic_metrics=("niqe", "piqe"))
+# Tiny: the metrics that run offline, the R_F (PSNR, SSIM, LPIPS, DISTS) and NIQE + PIQE for R_A (a single
+# metric makes every Aesthetic gap ~1). Per input (8 candidates of 256 px) sampling and decoding cost ~6-8 CPU-s,
+# DISTS ~1.7 CPU-s per candidate and the other metrics ~3.5 CPU-s together (NIQE half of it).
+TINY_REWARD = rewards.RewardConfig(faithful_metrics=("psnr", "ssim", "lpips", "dists"),
+                                   aesthetic_metrics=("niqe", "piqe"))
 PRESETS = {
     "flux2-dev": MineConfig(),
     "klein-4b": MineConfig(),
