@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -195,9 +197,6 @@ def cached_fingerprint(sources: Sequence[Path] | None, compute) -> str:
     rewriting a file recomputes it; the value lives in `$FOA_FINGERPRINT_CACHE` (default
     `~/.cache/foa-jax/fingerprints`). Without sources (random tiny initialisations) it is computed every time.
     """
-    import hashlib
-    import os
-
     if not sources:
         return compute()
     signature = hashlib.sha256()
