@@ -385,8 +385,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, score_budget: int | None
     return out.reshape(b, s, h * d)
 
 
+@jax.custom_vjp
+def _token_affine(x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    """`x · scale + shift` for x (B, S, D), scale (B, 1, D) shared by all tokens, shift (B, 1, D) or (B, S, D).
+
+    Every modulation and gate of the DiT has this form. Its gradient w.r.t. `scale` is a sum over tokens of
+    `dy · x`; autodiff writes that as a multiply fused with a reduction over the middle axis, which XLA:CPU's
+    YNNPACK fusion runs ~20x slower than the same sum written as a contraction (8.2 vs 0.4 ms for 2112 x 512
+    tokens), so the backward pass is given here with the sum as an einsum.
+    """
+    return x * scale + shift
+
+
+def _token_affine_fwd(x, scale, shift):
+    return _token_affine(x, scale, shift), (x, scale, shift.shape)
+
+
+def _token_affine_bwd(residuals, dy):
+    x, scale, shift_shape = residuals
+    acc = jnp.promote_types(dy.dtype, jnp.float32)
+    d_scale = jnp.einsum("bsd,bsd->bd", dy, x, preferred_element_type=acc)[:, None].astype(scale.dtype)
+    d_shift = dy if shift_shape == dy.shape else jnp.sum(dy, axis=1, keepdims=True, dtype=acc).astype(dy.dtype)
+    return dy * scale, d_scale, d_shift
+
+
+_token_affine.defvjp(_token_affine_fwd, _token_affine_bwd)
+
+
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    return layers.layer_norm(x, eps) * (1 + scale) + shift
+    return _token_affine(layers.layer_norm(x, eps), 1 + scale, shift)
+
+
+def _gated(x: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
+    """The gated residual `x + gate · y`."""
+    return _token_affine(y, gate, x)
 
 
 def _swiglu(h: jax.Array) -> jax.Array:
@@ -422,10 +454,10 @@ def double_block(p, lora, lora_scale, x, c, mod_img, mod_txt, rope, config: Flux
     out = attention(q, k, v)
     c_attn, x_attn = out[:, : c.shape[1]], out[:, c.shape[1]:]
 
-    x = x + gate1 * _proj(p, lora, s, x_attn, "attn", "to_out", "0")
-    x = x + gate2 * _feed_forward(p, lora, s, _modulate(x, shift2, scale2, eps), "ff")
-    c = c + c_gate1 * _proj(p, lora, s, c_attn, "attn", "to_add_out")
-    c = c + c_gate2 * _feed_forward(p, lora, s, _modulate(c, c_shift2, c_scale2, eps), "ff_context")
+    x = _gated(x, gate1, _proj(p, lora, s, x_attn, "attn", "to_out", "0"))
+    x = _gated(x, gate2, _feed_forward(p, lora, s, _modulate(x, shift2, scale2, eps), "ff"))
+    c = _gated(c, c_gate1, _proj(p, lora, s, c_attn, "attn", "to_add_out"))
+    c = _gated(c, c_gate2, _feed_forward(p, lora, s, _modulate(c, c_shift2, c_scale2, eps), "ff_context"))
     return x, c
 
 
@@ -438,7 +470,7 @@ def single_block(p, lora, lora_scale, h, mod, rope, config: Flux2Config):
     q = apply_rope(layers.rms_norm(p["attn"]["norm_q"], _heads(q, hd), eps), *rope)
     k = apply_rope(layers.rms_norm(p["attn"]["norm_k"], _heads(k, hd), eps), *rope)
     attn = attention(q, k, _heads(v, hd))
-    return h + gate * _proj(p, lora, s, jnp.concatenate([attn, _swiglu(mlp)], axis=-1), "attn", "to_out")
+    return _gated(h, gate, _proj(p, lora, s, jnp.concatenate([attn, _swiglu(mlp)], axis=-1), "attn", "to_out"))
 
 
 def _remat(fn, policy: str):
