@@ -288,24 +288,24 @@ def _attention_plan(batch: int, heads: int, q_len: int, kv_len: int, itemsize: i
 
 
 def _chunk_scores(q, k, softmax_dtype):
-    """Raw scores q·kᵀ (B, H, c, S) in the softmax dtype; the 1/sqrt(Dh) scale is applied inside the fused exp."""
-    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=softmax_dtype)
+    """Raw scores q·kᵀ (B·H, c, S) in the softmax dtype; the 1/sqrt(Dh) scale is applied inside the fused exp."""
+    return jnp.einsum("zqd,zkd->zqk", q, k, preferred_element_type=softmax_dtype)
 
 
 def _chunk_forward(q, k, v, scale):
-    """Softmax attention of one query chunk (B, H, c, Dh): output in v's dtype and the row logsumexp (B, H, c)."""
+    """Softmax attention of one query chunk (B·H, c, Dh): output in v's dtype and the row logsumexp (B·H, c)."""
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
     scores = _chunk_scores(q, k, softmax_dtype)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.exp((scores - peak) * scale)
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=softmax_dtype) / total
+    out = jnp.einsum("zqk,zkd->zqd", weights.astype(v.dtype), v, preferred_element_type=softmax_dtype) / total
     return out.astype(v.dtype), (peak * scale + jnp.log(total))[..., 0]
 
 
 @jax.custom_vjp
 def _chunked_attention(q_chunks, k, v):
-    """Attention with queries pre-split into chunks (n, B, H, c, Dh) against k, v (B, H, S, Dh).
+    """Attention with queries pre-split into chunks (n, B·H, c, Dh) against k, v (B·H, S, Dh).
 
     `lax.map` runs one chunk at a time, so only one chunk's score matrix exists; the backward pass (below) recomputes
     each chunk's probabilities from the saved row logsumexp instead of storing the (B, H, S, S) matrix.
@@ -319,9 +319,20 @@ def _chunked_attention_fwd(q_chunks, k, v):
     return out, (q_chunks, k, v, out, lse)
 
 
+def _materialised_t(x: jax.Array) -> jax.Array:
+    """x (Z, a, b) as (Z, b, a) in memory: the barrier keeps XLA from folding the transpose back into the product."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, 1, 2))
+
+
 def _chunked_attention_bwd(residuals, d_out):
     """Flash-attention backward: per chunk P = exp(s − lse), dV += Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)),
-    dQ = dS·K, dK += dSᵀ·Q; dK and dV accumulate in the softmax dtype across a `lax.scan` over chunks."""
+    dQ = dS·K, dK += dSᵀ·Q; dK and dV accumulate in the softmax dtype across a `lax.scan` over chunks.
+
+    dK and dV are accumulated transposed, (B·H, Dh, S) = dOᵀ·P and Qᵀ·dS with the small (c, Dh) operand transposed
+    in memory, so that every product is a row-major batched GEMM; XLA:CPU runs a product that contracts the leading
+    axis of both operands through a generic loop instead of its GEMM library (attention alone at 2112 tokens,
+    forward+backward: 207 -> 170 ms; the tiny preset's step: 470 -> 450 ms).
+    """
     q_chunks, k, v, out, lse = residuals
     softmax_dtype = jnp.promote_types(q_chunks.dtype, jnp.float32)
     scale = 1.0 / math.sqrt(q_chunks.shape[-1])
@@ -330,17 +341,19 @@ def _chunked_attention_bwd(residuals, d_out):
         dk, dv = carry
         q, do, o, row_lse = chunk
         probs = jnp.exp(_chunk_scores(q, k, softmax_dtype) * scale - row_lse[..., None])
-        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", probs.astype(do.dtype), do, preferred_element_type=softmax_dtype)
-        d_probs = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=softmax_dtype)
+        dv = dv + jnp.einsum("zdq,zqk->zdk", _materialised_t(do), probs.astype(do.dtype),
+                             preferred_element_type=softmax_dtype)
+        d_probs = jnp.einsum("zqd,zkd->zqk", do, v, preferred_element_type=softmax_dtype)
         row_dot = jnp.sum(do.astype(softmax_dtype) * o.astype(softmax_dtype), axis=-1, keepdims=True)
         d_scores = (probs * (d_probs - row_dot) * scale).astype(q.dtype)
-        dq = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k, preferred_element_type=softmax_dtype).astype(q.dtype)
-        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", d_scores, q, preferred_element_type=softmax_dtype)
+        dq = jnp.einsum("zqk,zkd->zqd", d_scores, k, preferred_element_type=softmax_dtype).astype(q.dtype)
+        dk = dk + jnp.einsum("zdq,zqk->zdk", _materialised_t(q), d_scores, preferred_element_type=softmax_dtype)
         return (dk, dv), dq
 
-    zeros = (jnp.zeros(k.shape, softmax_dtype), jnp.zeros(v.shape, softmax_dtype))
+    transposed = (k.shape[0], k.shape[2], k.shape[1])
+    zeros = (jnp.zeros(transposed, softmax_dtype), jnp.zeros(transposed, softmax_dtype))
     (dk, dv), dq = jax.lax.scan(step, zeros, (q_chunks, d_out, out, lse))
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq, jnp.swapaxes(dk, 1, 2).astype(k.dtype), jnp.swapaxes(dv, 1, 2).astype(v.dtype)
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
@@ -350,14 +363,19 @@ def _attention_heads(q, k, v, chunk):
     """(B, S, H, Dh) q/k/v -> (B, S, H, Dh) output: pad queries to whole chunks, attend, drop the padding.
 
     Padded query rows are zeros; their outputs are discarded and their cotangents are zero, so they add nothing to dk
-    or dv.
+    or dv. Batch and heads are folded into one leading axis: XLA:CPU runs products with a single batch axis through
+    its fast GEMM library and those with two through a generic loop.
     """
     b, s, h, d = q.shape
     count = -(-s // chunk)
     q = jnp.pad(q, ((0, 0), (0, count * chunk - s), (0, 0), (0, 0)))
-    q_chunks = q.reshape(b, count, chunk, h, d).transpose(1, 0, 3, 2, 4)
-    out = _chunked_attention(q_chunks, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    return out.transpose(1, 0, 3, 2, 4).reshape(b, count * chunk, h, d)[:, :s]
+    q_chunks = q.reshape(b, count, chunk, h, d).transpose(1, 0, 3, 2, 4).reshape(count, b * h, chunk, d)
+
+    def heads_first(x):
+        return x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)
+
+    out = _chunked_attention(q_chunks, heads_first(k), heads_first(v))
+    return out.reshape(count, b, h, chunk, d).transpose(1, 0, 3, 2, 4).reshape(b, count * chunk, h, d)[:, :s]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, score_budget: int | None = None) -> jax.Array:
