@@ -312,11 +312,31 @@ def _downsample(p: Params, x: jax.Array) -> jax.Array:
     return conv2d(p["conv"], x, stride=2, padding=((0, 1), (0, 1)))
 
 
+# Which rows (and, the same, columns) of a 3x3 kernel applied after nearest-neighbour x2 upsampling fall on the
+# low-resolution offsets (-1, 0) for an even output row and on (0, +1) for an odd one.
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def _phase_kernel(kernel: jax.Array, row_phase: int, col_phase: int) -> jax.Array:
+    """The 2x2 kernel that output phase (row_phase, col_phase) of upsample-then-conv applies to the low-res input."""
+    rows = [sum(kernel[i] for i in taps) for taps in _PHASE_TAPS[row_phase]]
+    return jnp.stack([jnp.stack([sum(row[j] for j in taps) for taps in _PHASE_TAPS[col_phase]]) for row in rows])
+
+
 def _upsample(p: Params, x: jax.Array) -> jax.Array:
-    """Nearest-neighbour x2 then a 3x3 conv (diffusers `Upsample2D`)."""
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-    return conv2d(p["conv"], x)
+    """Nearest-neighbour x2 then a 3x3 conv (diffusers `Upsample2D`), computed as four 2x2 convs of the input.
+
+    Through the 3x3 kernel each output pixel of the x2 grid sees only 2x2 distinct input pixels, so the four output
+    phases are 2x2 convolutions of the low-resolution input with summed kernel taps: 16 instead of 36 multiply-adds
+    per input pixel and channel pair, no upsampled copy, and no reduce-window in the backward pass. Equal up to
+    rounding (float64: 1e-14). The tiny decoder's 128 -> 256 px upsampler: forward+backward 26.3 -> 16.9 ms.
+    """
+    b, h, w, _ = x.shape
+    kernel = p["conv"]["kernel"].astype(x.dtype)
+    phases = [conv2d({"kernel": _phase_kernel(kernel, r, c)}, x, padding=((1 - r, r), (1 - c, c)))
+              for r in (0, 1) for c in (0, 1)]
+    y = jnp.stack(phases, axis=3).reshape(b, h, w, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, -1)
+    return y + p["conv"]["bias"].astype(x.dtype) if "bias" in p["conv"] else y
 
 
 _RESAMPLERS = {"downsamplers": _downsample, "upsamplers": _upsample}
