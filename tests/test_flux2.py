@@ -274,3 +274,22 @@ def test_forward_and_gradients_match_diffusers_with_many_attention_chunks(torch_
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads)):
         got, want = np.asarray(got), np.asarray(want)
         assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want)), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("shift_per_token", [False, True])
+@pytest.mark.parametrize("precision,tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_token_affine_gradients_match_autodiff(shift_per_token, precision, tol):
+    """The modulation/gate op's hand-written backward (token sums as einsums) against autodiff of `x·scale + shift`."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(precision == "float64"):
+        dtype = jnp.dtype(precision)
+        x = jnp.asarray(rng.standard_normal((2, 7, 6)), dtype)
+        scale = jnp.asarray(rng.standard_normal((2, 1, 6)), dtype)
+        shift = jnp.asarray(rng.standard_normal((2, 7 if shift_per_token else 1, 6)), dtype)
+        cotangent = jnp.asarray(rng.standard_normal((2, 7, 6)), dtype)
+        ours = jax.vjp(flux2._token_affine, x, scale, shift)
+        plain = jax.vjp(lambda x, s, b: x * s + b, x, scale, shift)
+        np.testing.assert_allclose(ours[0], plain[0], rtol=0, atol=tol)
+        for got, want in zip(ours[1](cotangent), plain[1](cotangent)):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=0, atol=tol)

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKLFlux2
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
 from foa_jax import params as P
-from foa_jax.models import vae
+from foa_jax.models import layers, vae
 from ports import convert
 
 SMALL = vae.VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=4)
@@ -223,3 +223,27 @@ def test_bfloat16_runs_close_to_float32():
         rel = max_diff(out[name], ref[name]) / float(jnp.max(jnp.abs(ref[name])))
         print(f"bf16 {name}: max abs diff / max |f32| = {rel:.4f}")
         assert rel < 0.05, (name, rel)
+
+
+@pytest.mark.parametrize("height, width, channels, bias", [(3, 5, 2, True), (4, 4, 3, False)])
+def test_upsample_equals_nearest_neighbour_then_conv(height, width, channels, bias):
+    """The sub-pixel form of `Upsample2D` (four 2x2 convs of the input) against the literal x2 repeat + 3x3 conv,
+    in float64 on non-square inputs, forward and gradient."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, height, width, channels)))
+        conv = {"kernel": jnp.asarray(rng.standard_normal((3, 3, channels, 4)))}
+        if bias:
+            conv["bias"] = jnp.asarray(rng.standard_normal(4))
+
+        def literal(x):
+            upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+            return layers.conv2d(conv, upsampled)
+
+        def ours(x):
+            return vae._upsample({"conv": conv}, x)
+
+        np.testing.assert_allclose(ours(x), literal(x), rtol=0, atol=1e-12)
+        cotangent = jnp.asarray(rng.standard_normal((2, 2 * height, 2 * width, 4)))
+        grads = [jax.vjp(f, x)[1](cotangent)[0] for f in (ours, literal)]
+        np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-12)
