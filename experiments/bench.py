@@ -175,6 +175,16 @@ def others_cpu(seconds: float = 2.0) -> float:
     return psutil.cpu_percent(interval=seconds) / 100.0 * (os.cpu_count() or 1)
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor ran other guests on this VM's CPUs (Linux `steal`, summed over CPUs; 0 elsewhere).
+
+    Ratios measured under steal are not comparable with calm ones: on 2026-12-02 a VM stealing up to half its CPU
+    slowed torch's barrier-synchronised OpenMP threads about twice as much as JAX (small forward+backward: torch
+    3.9 s with steal, 1.8 s without), which made JAX look 1.08x where it was 1.74x.
+    """
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
+
+
 def wait_for_idle(max_wait_s: float, busy_cores: float = 0.3) -> float:
     """Wait (at most `max_wait_s`) until other jobs use less than `busy_cores` cores; returns their last use."""
     deadline = time.monotonic() + max_wait_s
@@ -752,11 +762,16 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     for name in args.only:
         busy = wait_for_idle(args.wait_idle)
+        stolen, began = steal_seconds(), time.perf_counter()
         results[name] = run_section(name, args.repeats)
         results[name]["others_cpu_cores_before"] = busy
+        results[name]["steal_cores"] = (steal_seconds() - stolen) / (time.perf_counter() - began)
         if busy >= 0.3:
             print(f"  [{name}] measured while other jobs used {busy:.2f} of {os.cpu_count()} cores: torch suffers "
                   f"most (see `others_cpu`)", flush=True)
+        if results[name]["steal_cores"] >= 0.1:
+            print(f"  [{name}] the hypervisor took {results[name]['steal_cores']:.2f} cores on average: ratios are "
+                  f"not comparable with a calm machine's (see `steal_seconds`)", flush=True)
     results["machine"]["total_s"] = time.perf_counter() - start
     results["machine"]["load_at_end"] = load()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -765,6 +780,8 @@ def main(argv=None) -> dict:
     print("\n".join(table(results)))
     busy = {name: round(results[name]["others_cpu_cores_before"], 2) for name in args.only}
     print(f"other jobs' CPU use (cores) before each section: {busy}")
+    steal = {name: round(results[name]["steal_cores"], 2) for name in args.only}
+    print(f"hypervisor steal (cores, average) during each section: {steal}")
     print(f"load average (1/5/15 min) at start {results['machine']['load_at_start']}, at end "
           f"{results['machine']['load_at_end']}; {os.cpu_count()} CPUs; total {results['machine']['total_s']:.0f} s")
     print(f"wrote {args.out / 'bench.json'}")
