@@ -439,9 +439,30 @@ def _gated(x: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
     return _token_affine(y, gate, x)
 
 
+@jax.custom_vjp
 def _swiglu(h: jax.Array) -> jax.Array:
+    """SwiGLU of the two halves of `h`: silu(gate) · up.
+
+    The backward pass recomputes the sigmoid from `h`, the only residual: autodiff kept five (tokens, mlp_hidden)
+    arrays (both halves, sigmoid, silu and a product), the largest activations of the block.
+    """
     gate, up = jnp.split(h, 2, axis=-1)
     return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(h):
+    return _swiglu(h), h
+
+
+def _swiglu_bwd(h, dy):
+    """d gate = dy · up · σ(g)(1 + g(1 − σ(g))), d up = dy · silu(g)."""
+    gate, up = jnp.split(h, 2, axis=-1)
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    return (jnp.concatenate([dy * up * (sig + silu * (1 - sig)), dy * silu], axis=-1),)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _feed_forward(p, lora, s, x, name):

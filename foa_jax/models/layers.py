@@ -11,6 +11,8 @@ LayerNorm/GroupNorm on the CPU and GPU.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -44,19 +46,68 @@ def linear(p: Params, x: jax.Array, lora: Params | None = None, lora_scale: floa
     return y.reshape(*lead, y.shape[-1])
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm without affine parameters (every LayerNorm in the FLUX.2 DiT is `elementwise_affine=False`)."""
+    """LayerNorm without affine parameters (every LayerNorm in the FLUX.2 DiT is `elementwise_affine=False`).
+
+    The backward pass is written by hand so that it keeps only the output and the per-token 1/σ: autodiff kept
+    three full-size intermediates (x·x, x − μ, the product), and in a scanned stack every saved tensor is a
+    zero-filled, per-layer written and per-layer read buffer. The output is what the modulation after it saves
+    anyway, so the norm adds one (B, S, 1) array. As in apex's memory-efficient LayerNorm, x̂ is recovered from the
+    output, so with bf16 activations the backward sees x̂ rounded to bf16.
+    """
+    return _layer_norm_fwd(x, eps)[0]
+
+
+def _layer_norm_fwd(x, eps):
     xf = x.astype(_stat_dtype(x))
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+    y = (centred * inv_std).astype(x.dtype)
+    return y, (y, inv_std)
 
 
+def _layer_norm_bwd(eps, residuals, dy):
+    """dx = (dy − mean(dy) − x̂·mean(dy·x̂)) / σ, the standard LayerNorm gradient without affine terms."""
+    y, inv_std = residuals
+    normed, g = y.astype(inv_std.dtype), dy.astype(inv_std.dtype)
+    dx = (g - jnp.mean(g, axis=-1, keepdims=True) - normed * jnp.mean(g * normed, axis=-1, keepdims=True)) * inv_std
+    return (dx.astype(dy.dtype),)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis with a learned `scale` (torch `RMSNorm.weight`)."""
+    """RMSNorm over the last axis with a learned `scale` (torch `RMSNorm.weight`).
+
+    Hand-written backward keeping the input and the per-row 1/rms only (autodiff kept three full-size
+    intermediates; see `layer_norm` for why that matters); the scale's gradient is a sum over every leading axis,
+    written as one contraction.
+    """
+    return _rms_norm_fwd(p, x, eps)[0]
+
+
+def _rms_norm_fwd(p, x, eps):
     xf = x.astype(_stat_dtype(x))
-    normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-    return (normed * p["scale"].astype(xf.dtype)).astype(x.dtype)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    y = (xf * inv_rms * p["scale"].astype(xf.dtype)).astype(x.dtype)
+    return y, (p["scale"], x, inv_rms)
+
+
+def _rms_norm_bwd(eps, residuals, dy):
+    """With n = x/rms and g = dy·w: dx = (g − n·mean(g·n)) / rms and dw = Σ dy·n over every leading axis."""
+    scale, x, inv_rms = residuals
+    normed = x.astype(inv_rms.dtype) * inv_rms
+    dyf = dy.astype(inv_rms.dtype)
+    g = dyf * scale.astype(inv_rms.dtype)
+    dx = (g - normed * jnp.mean(g * normed, axis=-1, keepdims=True)) * inv_rms
+    d_scale = jnp.einsum("nd,nd->d", dyf.reshape(-1, x.shape[-1]), normed.reshape(-1, x.shape[-1]))
+    return {"scale": d_scale.astype(scale.dtype)}, dx.astype(dy.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def group_norm(p: Params, x: jax.Array, groups: int, eps: float) -> jax.Array:

@@ -1,0 +1,86 @@
+"""foa_jax.models.layers: the hand-written LayerNorm/RMSNorm backward passes against autodiff of the plain formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from foa_jax.models import layers
+
+EPS = 1e-6
+
+
+def plain_layer_norm(x):
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) / jnp.sqrt(var + EPS)).astype(x.dtype)
+
+
+def plain_rms_norm(scale, x):
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    normed = xf / jnp.sqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + EPS)
+    return (normed * scale.astype(xf.dtype)).astype(x.dtype)
+
+
+def vjp_pair(ours, plain, args, cotangent):
+    """Outputs and input cotangents of both functions."""
+    out_ours, back_ours = jax.vjp(ours, *args)
+    out_plain, back_plain = jax.vjp(plain, *args)
+    return (out_ours, out_plain), (back_ours(cotangent), back_plain(cotangent))
+
+
+# bf16: the LayerNorm backward sees x̂ rounded to bf16 (it keeps the output), so it matches to bf16 precision.
+PRECISIONS = [("float64", 1e-12), ("float32", 2e-5), ("bfloat16", 5e-2)]
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 16), (1, 5, 3, 8)])
+@pytest.mark.parametrize("precision,tol", PRECISIONS)
+def test_layer_norm_backward_matches_autodiff(shape, precision, tol):
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(precision == "float64"):
+        dtype = jnp.dtype(precision)
+        x = jnp.asarray(3 * rng.standard_normal(shape) + 1, dtype)
+        cotangent = jnp.asarray(rng.standard_normal(shape), dtype)
+        (out, want_out), ((dx,), (want_dx,)) = vjp_pair(lambda x: layers.layer_norm(x, EPS), plain_layer_norm,
+                                                         (x,), cotangent)
+        assert out.dtype == dtype and dx.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(want_out, np.float64), atol=tol)
+        scale = np.max(np.abs(np.asarray(want_dx, np.float64)))
+        np.testing.assert_allclose(np.asarray(dx, np.float64) / scale, np.asarray(want_dx, np.float64) / scale,
+                                   atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 16), (1, 5, 3, 8)])
+@pytest.mark.parametrize("precision,tol", PRECISIONS)
+def test_rms_norm_backward_matches_autodiff(shape, precision, tol):
+    """Gradients w.r.t. the input and the learned scale (summed over every leading axis)."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(precision == "float64"):
+        dtype = jnp.dtype(precision)
+        x = jnp.asarray(2 * rng.standard_normal(shape), dtype)
+        scale = jnp.asarray(1 + 0.3 * rng.standard_normal(shape[-1]), dtype)
+        cotangent = jnp.asarray(rng.standard_normal(shape), dtype)
+        (out, want_out), ((dp, dx), (want_ds, want_dx)) = vjp_pair(
+            lambda p, x: layers.rms_norm(p, x, EPS), lambda p, x: plain_rms_norm(p["scale"], x),
+            ({"scale": scale}, x), cotangent)
+        assert out.dtype == dtype and dx.dtype == dtype and dp["scale"].dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(want_out, np.float64), atol=tol)
+        for got, want in ((dx, want_dx), (dp["scale"], want_ds["scale"])):
+            norm = np.max(np.abs(np.asarray(want, np.float64)))
+            np.testing.assert_allclose(np.asarray(got, np.float64) / norm, np.asarray(want, np.float64) / norm,
+                                       atol=tol)
+
+
+def test_norms_keep_one_residual_each():
+    """The point of the custom backward passes: a LayerNorm followed by a modulation keeps only its output and 1/σ,
+    an RMSNorm its input and 1/rms (autodiff kept three full-size arrays each)."""
+    x = jnp.ones((1, 8, 16))
+
+    def block(x, p):
+        return layers.rms_norm(p, layers.layer_norm(x, EPS) * 2.0, EPS)
+
+    jaxpr = jax.make_jaxpr(lambda x, p: jax.vjp(block, x, p)[1])(x, {"scale": jnp.ones(16)})
+    residuals = [v.aval.shape for v in jaxpr.jaxpr.outvars]
+    full = [shape for shape in residuals if shape == (1, 8, 16)]
+    assert len(full) == 2, residuals
