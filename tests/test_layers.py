@@ -84,3 +84,42 @@ def test_norms_keep_one_residual_each():
     residuals = [v.aval.shape for v in jaxpr.jaxpr.outvars]
     full = [shape for shape in residuals if shape == (1, 8, 16)]
     assert len(full) == 2, residuals
+
+
+def plain_group_norm(p, x, groups):
+    """Textbook GroupNorm: centred two-pass variance over each group's channels and pixels."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    grouped = xf.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+    mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(grouped - mean), axis=(1, 3), keepdims=True)
+    normed = ((grouped - mean) / jnp.sqrt(var + EPS)).reshape(x.shape)
+    return (normed * p["scale"].astype(xf.dtype) + p["bias"].astype(xf.dtype)).astype(x.dtype)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 5, 6, 8), 4), ((1, 3, 4, 6), 2), ((2, 7, 16), 16)])
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+@pytest.mark.parametrize("precision,tol", PRECISIONS)
+def test_group_norm_matches_two_pass_formula(shape, groups, offset, precision, tol):
+    """Output and gradients (input, scale, bias) of the sum-based GroupNorm against autodiff of the centred two-pass
+    formula, also for inputs whose mean is 3 standard deviations from zero (where E[x²] − E[x]² loses digits)."""
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(precision == "float64"):
+        dtype = jnp.dtype(precision)
+        x = jnp.asarray(rng.standard_normal(shape) + offset, dtype)
+        p = {"scale": jnp.asarray(1 + 0.3 * rng.standard_normal(shape[-1]), dtype),
+             "bias": jnp.asarray(0.2 * rng.standard_normal(shape[-1]), dtype)}
+        cotangent = jnp.asarray(rng.standard_normal(shape), dtype)
+        (out, want_out), ((dp, dx), (want_dp, want_dx)) = vjp_pair(
+            lambda p, x: layers.group_norm(p, x, groups, EPS), lambda p, x: plain_group_norm(p, x, groups),
+            (p, x), cotangent)
+        assert out.dtype == dtype and dx.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(want_out, np.float64), atol=tol)
+        for got, want in ((dx, want_dx), (dp["scale"], want_dp["scale"]), (dp["bias"], want_dp["bias"])):
+            norm = np.max(np.abs(np.asarray(want, np.float64)))
+            np.testing.assert_allclose(np.asarray(got, np.float64) / norm, np.asarray(want, np.float64) / norm,
+                                       atol=tol)
+
+
+def test_group_norm_rejects_indivisible_channels():
+    with pytest.raises(ValueError, match="6 channels are not divisible into 4 groups"):
+        layers.group_norm({"scale": jnp.ones(6), "bias": jnp.zeros(6)}, jnp.ones((1, 2, 2, 6)), 4, EPS)

@@ -110,16 +110,69 @@ def _rms_norm_bwd(eps, residuals, dy):
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
+def _channel_sums(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(Σ_n x, Σ_n x·y) over the pixel axis of (B, N, C) arrays, each (B, C).
+
+    Written as a one-axis sum and a contraction because XLA:CPU's YNNPACK fusion runs the reduction over pixels and
+    channels-in-group that autodiff and the textbook formula produce ~5-20x slower (a 256x256x32 GroupNorm's
+    statistics: 4.8 ms as mean and centred variance, 0.6 ms as these two sums).
+    """
+    return jnp.sum(x, axis=1), jnp.einsum("bnc,bnc->bc", x, y)
+
+
+def _group_mean(per_channel: jax.Array, groups: int, count: int) -> jax.Array:
+    """(B, C) channel sums -> (B, 1, C): each channel gets the mean over its group's channels and `count` pixels."""
+    b, c = per_channel.shape
+    means = jnp.sum(per_channel.reshape(b, groups, c // groups), axis=-1, keepdims=True) / (count * (c // groups))
+    return jnp.broadcast_to(means, (b, groups, c // groups)).reshape(b, 1, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def group_norm(p: Params, x: jax.Array, groups: int, eps: float) -> jax.Array:
-    """GroupNorm over an NHWC (or N...C) array with learned `scale` and `bias`, statistics in float32."""
-    *lead, c = x.shape
+    """GroupNorm over an NHWC (or N...C) array with learned `scale` and `bias`, statistics in float32.
+
+    The variance is E[x²] − E[x]² from per-channel sums (as torch's channels-last CPU kernel computes it), clamped at
+    zero; forward and backward reduce only through `_channel_sums` (see there why). The backward keeps the input and
+    the per-group statistics.
+    """
+    return _group_norm_fwd(p, x, groups, eps)[0]
+
+
+def _group_norm_stats(x, groups, eps):
+    """x (B, N, C) in the statistics dtype -> per-channel-broadcast group mean and 1/σ, each (B, 1, C)."""
+    total, squares = _channel_sums(x, x)
+    mean = _group_mean(total, groups, x.shape[1])
+    var = jnp.maximum(_group_mean(squares, groups, x.shape[1]) - jnp.square(mean), 0.0)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _group_norm_fwd(p, x, groups, eps):
+    c = x.shape[-1]
     if c % groups:
         raise ValueError(f"group_norm: {c} channels are not divisible into {groups} groups")
-    xf = x.astype(_stat_dtype(x)).reshape(lead[0], -1, groups, c // groups)
-    mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
-    normed = ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
-    return (normed * p["scale"].astype(xf.dtype) + p["bias"].astype(xf.dtype)).astype(x.dtype)
+    xf = x.astype(_stat_dtype(x)).reshape(x.shape[0], -1, c)
+    mean, inv_std = _group_norm_stats(xf, groups, eps)
+    y = (xf - mean) * inv_std * p["scale"].astype(xf.dtype) + p["bias"].astype(xf.dtype)
+    return y.reshape(x.shape).astype(x.dtype), (p, x, mean, inv_std)
+
+
+def _group_norm_bwd(groups, eps, residuals, dy):
+    """With x̂ the normalised input and g = dy·w: dx = (g − mean_group(g) − x̂·mean_group(g·x̂)) / σ, where each group
+    mean runs over the group's channels and all pixels; dw = Σ dy·x̂ and db = Σ dy over batch and pixels."""
+    p, x, mean, inv_std = residuals
+    c = x.shape[-1]
+    normed = (x.astype(mean.dtype).reshape(x.shape[0], -1, c) - mean) * inv_std
+    dyf = dy.astype(mean.dtype).reshape(normed.shape)
+    d_bias, d_scale = _channel_sums(dyf, normed)
+    w = p["scale"].astype(mean.dtype)
+    count = normed.shape[1]
+    dx = (dyf * w - _group_mean(d_bias * w, groups, count) - normed * _group_mean(d_scale * w, groups, count))
+    dx = (dx * inv_std).reshape(x.shape).astype(dy.dtype)
+    return {"scale": jnp.sum(d_scale, axis=0).astype(p["scale"].dtype),
+            "bias": jnp.sum(d_bias, axis=0).astype(p["bias"].dtype)}, dx
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def conv2d(p: Params, x: jax.Array, stride: int = 1, padding="SAME") -> jax.Array:
