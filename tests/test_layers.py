@@ -23,53 +23,44 @@ def plain_rms_norm(scale, x):
     return (normed * scale.astype(xf.dtype)).astype(x.dtype)
 
 
-def vjp_pair(ours, plain, args, cotangent):
-    """Outputs and input cotangents of both functions."""
-    out_ours, back_ours = jax.vjp(ours, *args)
-    out_plain, back_plain = jax.vjp(plain, *args)
-    return (out_ours, out_plain), (back_ours(cotangent), back_plain(cotangent))
+def assert_vjp_matches(ours, plain, args, cotangent, tol):
+    """Same output and same cotangent for every argument leaf (each relative to its largest entry), same dtypes."""
+    out, back = jax.vjp(ours, *args)
+    want_out, want_back = jax.vjp(plain, *args)
+    assert out.dtype == want_out.dtype
+    np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(want_out, np.float64), atol=tol)
+    for got, want in zip(jax.tree.leaves(back(cotangent)), jax.tree.leaves(want_back(cotangent)), strict=True):
+        assert got.dtype == want.dtype
+        norm = np.max(np.abs(np.asarray(want, np.float64)))
+        np.testing.assert_allclose(np.asarray(got, np.float64) / norm, np.asarray(want, np.float64) / norm, atol=tol)
 
 
 # bf16: the LayerNorm backward sees x̂ rounded to bf16 (it keeps the output), so it matches to bf16 precision.
 PRECISIONS = [("float64", 1e-12), ("float32", 2e-5), ("bfloat16", 5e-2)]
 
 
+def layer_norm_case(rng, shape, dtype):
+    x = jnp.asarray(3 * rng.standard_normal(shape) + 1, dtype)
+    return (lambda x: layers.layer_norm(x, EPS)), plain_layer_norm, (x,)
+
+
+def rms_norm_case(rng, shape, dtype):
+    """Gradients w.r.t. the input and the learned scale (summed over every leading axis)."""
+    x = jnp.asarray(2 * rng.standard_normal(shape), dtype)
+    scale = jnp.asarray(1 + 0.3 * rng.standard_normal(shape[-1]), dtype)
+    ours, plain = (lambda p, x: layers.rms_norm(p, x, EPS)), (lambda p, x: plain_rms_norm(p["scale"], x))
+    return ours, plain, ({"scale": scale}, x)
+
+
+@pytest.mark.parametrize("case", [layer_norm_case, rms_norm_case])
 @pytest.mark.parametrize("shape", [(2, 7, 16), (1, 5, 3, 8)])
 @pytest.mark.parametrize("precision,tol", PRECISIONS)
-def test_layer_norm_backward_matches_autodiff(shape, precision, tol):
+def test_norm_backward_matches_autodiff(case, shape, precision, tol):
     rng = np.random.default_rng(0)
     with jax.enable_x64(precision == "float64"):
         dtype = jnp.dtype(precision)
-        x = jnp.asarray(3 * rng.standard_normal(shape) + 1, dtype)
-        cotangent = jnp.asarray(rng.standard_normal(shape), dtype)
-        (out, want_out), ((dx,), (want_dx,)) = vjp_pair(lambda x: layers.layer_norm(x, EPS), plain_layer_norm,
-                                                         (x,), cotangent)
-        assert out.dtype == dtype and dx.dtype == dtype
-        np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(want_out, np.float64), atol=tol)
-        scale = np.max(np.abs(np.asarray(want_dx, np.float64)))
-        np.testing.assert_allclose(np.asarray(dx, np.float64) / scale, np.asarray(want_dx, np.float64) / scale,
-                                   atol=tol)
-
-
-@pytest.mark.parametrize("shape", [(2, 7, 16), (1, 5, 3, 8)])
-@pytest.mark.parametrize("precision,tol", PRECISIONS)
-def test_rms_norm_backward_matches_autodiff(shape, precision, tol):
-    """Gradients w.r.t. the input and the learned scale (summed over every leading axis)."""
-    rng = np.random.default_rng(1)
-    with jax.enable_x64(precision == "float64"):
-        dtype = jnp.dtype(precision)
-        x = jnp.asarray(2 * rng.standard_normal(shape), dtype)
-        scale = jnp.asarray(1 + 0.3 * rng.standard_normal(shape[-1]), dtype)
-        cotangent = jnp.asarray(rng.standard_normal(shape), dtype)
-        (out, want_out), ((dp, dx), (want_ds, want_dx)) = vjp_pair(
-            lambda p, x: layers.rms_norm(p, x, EPS), lambda p, x: plain_rms_norm(p["scale"], x),
-            ({"scale": scale}, x), cotangent)
-        assert out.dtype == dtype and dx.dtype == dtype and dp["scale"].dtype == dtype
-        np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(want_out, np.float64), atol=tol)
-        for got, want in ((dx, want_dx), (dp["scale"], want_ds["scale"])):
-            norm = np.max(np.abs(np.asarray(want, np.float64)))
-            np.testing.assert_allclose(np.asarray(got, np.float64) / norm, np.asarray(want, np.float64) / norm,
-                                       atol=tol)
+        ours, plain, args = case(rng, shape, dtype)
+        assert_vjp_matches(ours, plain, args, jnp.asarray(rng.standard_normal(shape), dtype), tol)
 
 
 def test_norms_keep_one_residual_each():
@@ -109,15 +100,8 @@ def test_group_norm_matches_two_pass_formula(shape, groups, offset, precision, t
         p = {"scale": jnp.asarray(1 + 0.3 * rng.standard_normal(shape[-1]), dtype),
              "bias": jnp.asarray(0.2 * rng.standard_normal(shape[-1]), dtype)}
         cotangent = jnp.asarray(rng.standard_normal(shape), dtype)
-        (out, want_out), ((dp, dx), (want_dp, want_dx)) = vjp_pair(
-            lambda p, x: layers.group_norm(p, x, groups, EPS), lambda p, x: plain_group_norm(p, x, groups),
-            (p, x), cotangent)
-        assert out.dtype == dtype and dx.dtype == dtype
-        np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(want_out, np.float64), atol=tol)
-        for got, want in ((dx, want_dx), (dp["scale"], want_dp["scale"]), (dp["bias"], want_dp["bias"])):
-            norm = np.max(np.abs(np.asarray(want, np.float64)))
-            np.testing.assert_allclose(np.asarray(got, np.float64) / norm, np.asarray(want, np.float64) / norm,
-                                       atol=tol)
+        assert_vjp_matches(lambda p, x: layers.group_norm(p, x, groups, EPS),
+                           lambda p, x: plain_group_norm(p, x, groups), (p, x), cotangent, tol)
 
 
 def test_group_norm_rejects_indivisible_channels():
