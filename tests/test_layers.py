@@ -1,4 +1,4 @@
-"""foa_jax.models.layers: the hand-written LayerNorm/RMSNorm backward passes against autodiff of the plain formulas."""
+"""foa_jax.models.layers: hand-written LayerNorm, RMSNorm and GroupNorm backward passes against plain autodiff."""
 
 import jax
 import jax.numpy as jnp
