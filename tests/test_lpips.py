@@ -163,14 +163,43 @@ def test_unit_range_helper_matches_torch_normalize():
     assert np.max(np.abs(ours - theirs)) <= 1e-5
 
 
-def test_normalize_channels_value_and_zero_pixel_gradient():
-    f = np.random.default_rng(1).normal(size=(2, 3, 4, 8))
+def test_normalize_channels_value_and_gradient():
+    """Value in float64; gradient equal to autodiff of the plain formula where the norm is nonzero, dy / eps at an
+    all-zero pixel (where autodiff of the plain formula gives NaN)."""
+    rng = np.random.default_rng(1)
+    f, dy = rng.normal(size=(2, 3, 4, 8)), rng.normal(size=(2, 3, 4, 8))
     f[0, 1, 2] = 0.0  # an all-zero pixel, as a ReLU produces
     expected = f / (np.sqrt(np.sum(f ** 2, axis=-1, keepdims=True)) + 1e-10)
     with jax.enable_x64(True):
-        np.testing.assert_allclose(np.asarray(L.normalize_channels(jnp.asarray(f))), expected, rtol=1e-14, atol=0)
-    grad = jax.grad(lambda a: jnp.sum(L.normalize_channels(a) ** 2))(jnp.asarray(f, jnp.float32))
-    assert np.all(np.isfinite(np.asarray(grad)))
+        value, vjp = jax.vjp(L.normalize_channels, jnp.asarray(f))
+        np.testing.assert_allclose(np.asarray(value), expected, rtol=1e-14, atol=0)
+        plain = jax.vjp(lambda a: a / (jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True)) + 1e-10), jnp.asarray(f))[1]
+        grad, reference = np.asarray(vjp(jnp.asarray(dy))[0]), np.asarray(plain(jnp.asarray(dy))[0])
+    zero = np.zeros(f.shape[:-1], bool)
+    zero[0, 1, 2] = True
+    assert np.all(np.isnan(reference[zero]))
+    np.testing.assert_allclose(grad[~zero], reference[~zero], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad[zero], dy[zero] / 1e-10, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("window,stride", [(2, 2), (3, 2)])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 9, 7, 2)])
+def test_max_pool_value_and_gradient_match_torch_with_ties(window, stride, shape):
+    """torch's MaxPool2d (floor mode, odd sides drop their last row/column) on inputs full of exact ties, as flat
+    image regions and ReLUs give: the gradient goes to the first maximum of each window, not split among ties."""
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.integers(-2, 3, size=shape), 0).astype(np.float64)  # values 0, 1, 2: many ties
+    x[:, :4, :4] = 1.5  # a flat patch
+    pool = L.MaxPool(window, stride)
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(lambda a: L._max_pool(a, pool), jnp.asarray(x))
+        dy = rng.normal(size=y.shape)
+        dx = np.asarray(vjp(jnp.asarray(dy))[0])
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, window, stride)
+    yt.backward(torch.from_numpy(dy.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(dx, xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
 @pytest.mark.parametrize("net", NETS)
