@@ -230,7 +230,10 @@ def _normalize_channels_fwd(f, eps):
 
 
 def _normalize_channels_bwd(eps, residuals, dy):
-    """d/df of f / (n + eps) with n = |f|: dy / (n + eps) − f · (Σ_c dy·f) / ((n + eps)² n), the second term 0 at n = 0."""
+    """d/df of f / (n + eps) with n = |f|: dy / (n + eps) − f · Σ_c(dy·f) / ((n + eps)² n).
+
+    The second term is taken as 0 where n = 0 (an all-zero pixel), so the gradient there is dy / eps.
+    """
     f, norm = residuals
     inv = 1 / (norm + eps)
     along = jnp.sum(dy * f, axis=-1, keepdims=True)
