@@ -86,17 +86,21 @@ def test_remat_and_bf16_agree_with_float32(torch_model):
     assert rel < 0.05
 
 
-def test_gradients_through_remat_match():
-    config = CONFIG
+@pytest.mark.parametrize("policy", [dict(remat="full"), dict(scan_unroll=2), dict(scan_unroll=64, remat="full")])
+def test_gradients_through_remat_and_unrolled_scans_match(policy):
+    """Rematerialised, partly unrolled (2 of 3 single blocks per scan step: a remainder) and fully unrolled block
+    stacks give the loss and gradients of the plain rolled scan."""
+    config = CONFIG.replace(num_single_layers=3)
     params = flux2.init(config, jax.random.key(1))
     x, ctx, img_ids, txt_ids = _inputs(1, 3)
 
     def loss(p, cfg):
         return jnp.mean(flux2.apply(p, cfg, x, ctx, TIMESTEPS, img_ids, txt_ids) ** 2)
 
-    g_plain = jax.grad(loss)(params, config)
-    g_remat = jax.grad(loss)(params, config.replace(remat="full"))
-    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+    l_plain, g_plain = jax.value_and_grad(loss)(params, config)
+    l_other, g_other = jax.value_and_grad(loss)(params, config.replace(**policy))
+    np.testing.assert_allclose(float(l_other), float(l_plain), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_other)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
@@ -135,6 +139,9 @@ def test_config_round_trips_through_diffusers():
     ("num_attention_heads", 0, "must be positive"),
     ("dtype", "int8", "dtype must be one of"),
     ("remat", "sometimes", "remat must be one of"),
+    ("scan_unroll", 0, "scan_unroll must be an integer >= 1"),
+    ("scan_unroll", True, "scan_unroll must be an integer >= 1"),
+    ("scan_unroll", 1.5, "scan_unroll must be an integer >= 1"),
     ("patch_size", 2, "expected 1, got 2"),
 ])
 def test_config_validates_itself(field, value, match):
@@ -165,6 +172,9 @@ def test_bad_inputs_name_expected_and_actual():
 
 ATTN_SHAPE = (2, 37, 4, 16)  # B, S, H, Dh: 37 tokens is no multiple of any chunk (chunks are multiples of 8)
 TINY_BUDGET = 2 * 2 * 37 * 8 * 8  # float64 scores of 2 heads x 8 rows: 5 chunks of 8 rows, heads in 2 groups of 2
+# (score budget, saved-scores budget): the three plans of `flux2._attention_plan`.
+ATTN_PLANS = {"chunks and head groups, recomputed": (TINY_BUDGET, 0), "one padded chunk, recomputed": (None, 0),
+              "one chunk, probabilities saved": (None, None)}
 
 
 def _attn_inputs(dtype, seed=0):
@@ -183,53 +193,65 @@ def _torch_attention_and_grads(q, k, v, weights):
     return out.detach().numpy(), [t.grad.numpy() for t in (tq, tk, tv)]
 
 
-def _jax_attention_and_grads(q, k, v, weights, budget):
+def _jax_attention_and_grads(q, k, v, weights, plan):
     def linear_functional(q, k, v):
-        return jnp.sum(flux2.attention(q, k, v, budget).astype(weights.dtype) * weights)
+        return jnp.sum(flux2.attention(q, k, v, *plan).astype(weights.dtype) * weights)
 
-    out = jax.jit(flux2.attention, static_argnums=3)(q, k, v, budget)
+    out = jax.jit(flux2.attention, static_argnums=(3, 4))(q, k, v, *plan)
     grads = jax.jit(jax.grad(linear_functional, argnums=(0, 1, 2)))(q, k, v)
     return np.asarray(out, np.float64), [np.asarray(g, np.float64) for g in grads]
 
 
 def test_attention_plan_chunks_and_head_groups():
     b, s, h, _ = ATTN_SHAPE
-    assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET) == (2, 8)
-    assert flux2._attention_plan(b, h, s, s, 8, 2 * b * h * 8 * s * 8) == (4, 16)  # 37 rows: 3 chunks of 16
-    assert flux2._attention_plan(b, h, s, s, 8, 10**9) == (4, 40)  # one chunk, padded to 40 rows
-    # The small benchmark config (4 heads, 1024 + 1024 + 64 tokens): 4 chunks of 528 rows, 17.0 MiB of scores.
-    assert flux2._attention_plan(1, 4, 2112, 2112, 4, flux2.SCORE_BUDGET_BYTES) == (4, 528)
-    # FLUX.2-dev, 4096 target + 4096 reference + 512 text tokens: 8 rows of all 48 heads fit at batch 1; at batch 4
-    # heads go in groups of 16 (4·16·8·8704·4 B = 17.0 MiB).
-    assert flux2._attention_plan(1, 48, 8704, 8704, 4, flux2.SCORE_BUDGET_BYTES) == (48, 8)
-    assert flux2._attention_plan(4, 48, 8704, 8704, 4, flux2.SCORE_BUDGET_BYTES) == (16, 8)
+    assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET) == (2, 8, False)
+    assert flux2._attention_plan(b, h, s, s, 8, 2 * b * h * 8 * s * 8) == (4, 16, False)  # 37 rows: 3 chunks of 16
+    assert flux2._attention_plan(b, h, s, s, 8, 10**9) == (4, 40, False)  # one chunk, padded to 40 rows
+    # Saved probabilities: one unpadded chunk when all scores fit the saved budget, exactly at the boundary.
+    assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET, b * h * s * s * 8) == (4, 37, True)
+    assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET, b * h * s * s * 8 - 1) == (2, 8, False)
+    # The tiny preset's training step (batch 8, 256 + 256 + 4 tokens, 4 heads): 34 MB of float32 scores, saved.
+    assert flux2._attention_plan(8, 4, 516, 516, 4, flux2.SCORE_BUDGET_BYTES,
+                                 flux2.SAVED_SCORES_BUDGET_BYTES) == (4, 516, True)
+    # The small benchmark config (4 heads, 1024 + 1024 + 64 tokens): 71 MB saved; recomputed, 4 chunks of 528 rows,
+    # 17.0 MiB of scores.
+    assert flux2._attention_plan(1, 4, 2112, 2112, 4, flux2.SCORE_BUDGET_BYTES,
+                                 flux2.SAVED_SCORES_BUDGET_BYTES) == (4, 2112, True)
+    assert flux2._attention_plan(1, 4, 2112, 2112, 4, flux2.SCORE_BUDGET_BYTES) == (4, 528, False)
+    # FLUX.2-dev, 4096 target + 4096 reference + 512 text tokens (14.5 GB of scores, never saved): 8 rows of all 48
+    # heads fit at batch 1; at batch 4 heads go in groups of 16 (4·16·8·8704·4 B = 17.0 MiB).
+    for batch, group in ((1, 48), (4, 16)):
+        assert flux2._attention_plan(batch, 48, 8704, 8704, 4, flux2.SCORE_BUDGET_BYTES,
+                                     flux2.SAVED_SCORES_BUDGET_BYTES) == (group, 8, False)
     for batch, heads, length in ((1, 4, 2112), (1, 48, 8704), (4, 48, 8704), (3, 5, 1000), (1, 1, 7)):
-        group, chunk = flux2._attention_plan(batch, heads, length, length, 4, flux2.SCORE_BUDGET_BYTES)
+        group, chunk, save = flux2._attention_plan(batch, heads, length, length, 4, flux2.SCORE_BUDGET_BYTES)
         count = -(-length // chunk)
-        assert chunk % 8 == 0 and heads % group == 0 and count * chunk - length < 8 * count
+        assert not save and chunk % 8 == 0 and heads % group == 0 and count * chunk - length < 8 * count
         assert batch * group * chunk * length * 4 <= flux2.SCORE_BUDGET_BYTES
 
 
 @pytest.mark.parametrize("precision,tol", [("float64", 1e-12), ("float32", 2e-5)])
-@pytest.mark.parametrize("budget", [TINY_BUDGET, None])
-def test_chunked_attention_and_gradients_match_direct_softmax(precision, tol, budget):
+@pytest.mark.parametrize("plan", ATTN_PLANS)
+def test_chunked_attention_and_gradients_match_direct_softmax(precision, tol, plan):
     with jax.enable_x64(precision == "float64"):
         (q, k, v), weights = _attn_inputs(np.dtype(precision))
-        out, grads = _jax_attention_and_grads(q, k, v, weights, budget)
+        out, grads = _jax_attention_and_grads(q, k, v, weights, ATTN_PLANS[plan])
     expected, expected_grads = _torch_attention_and_grads(q, k, v, weights)
     scale = np.max(np.abs(expected))
-    print(f"{precision} budget {budget}: max abs diff out {np.max(np.abs(out - expected)):.2e}")
+    print(f"{precision} {plan}: max abs diff out {np.max(np.abs(out - expected)):.2e}")
     assert np.max(np.abs(out - expected)) <= tol * scale
     for name, got, want in zip("qkv", grads, expected_grads):
         print(f"  d{name} max abs diff {np.max(np.abs(got - want)):.2e} (max |d{name}| {np.max(np.abs(want)):.2e})")
         assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
 
 
-def test_chunked_attention_bf16_runs_and_is_close():
+@pytest.mark.parametrize("saved_budget", [0, None])
+def test_chunked_attention_bf16_runs_and_is_close(saved_budget):
     (q, k, v), weights = _attn_inputs(np.float32)
     expected, expected_grads = _torch_attention_and_grads(q, k, v, weights)
     bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
-    out, grads = _jax_attention_and_grads(*bf16, jnp.asarray(weights), TINY_BUDGET // 2)  # same plan as float64
+    plan = (TINY_BUDGET // 2, saved_budget)  # float32 scores: the same chunks as float64 at TINY_BUDGET, or saved
+    out, grads = _jax_attention_and_grads(*bf16, jnp.asarray(weights), plan)
     assert jax.eval_shape(flux2.attention, *bf16).dtype == jnp.bfloat16
     for got, want in zip([out, *grads], [expected, *expected_grads]):
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -257,7 +279,8 @@ def test_forward_and_gradients_match_diffusers_with_many_attention_chunks(torch_
 
     seq = len(img_ids) + 9
     monkeypatch.setattr(flux2, "SCORE_BUDGET_BYTES", len(TIMESTEPS) * 8 * seq * 8)
-    assert flux2._attention_plan(len(TIMESTEPS), 2, seq, seq, 8, flux2.SCORE_BUDGET_BYTES) == (1, 8)
+    monkeypatch.setattr(flux2, "SAVED_SCORES_BUDGET_BYTES", 0)
+    assert flux2._attention_plan(len(TIMESTEPS), 2, seq, seq, 8, flux2.SCORE_BUDGET_BYTES) == (1, 8, False)
     with jax.enable_x64(True):
         template = lambda: flux2.init(CONFIG, jax.random.key(0))  # noqa: E731
         params = torch_reference.jax_params(torch_model, template, flux2.STACKS, dtype=np.float64)

@@ -16,6 +16,7 @@ matmuls, `x·W + s·(x·A)·B`, so merged weights are never materialised and the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 import jax
@@ -27,6 +28,7 @@ from foa_jax.models import layers
 STACKS = ("transformer_blocks", "single_transformer_blocks")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+POLICY_FIELDS = frozenset({"dtype", "remat", "scan_unroll"})  # how to run, not what: no diffusers config key
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,11 @@ class Flux2Config:
 
     `dtype` is the compute dtype; parameters may be stored in any float dtype and are cast at use. `remat` chooses the
     rematerialisation policy of one scanned block ("none", "full" = save nothing, or a `jax.checkpoint_policies` name).
+    `scan_unroll` is the number of blocks per iteration of each block stack's `lax.scan` (its `unroll`); a value at
+    least the stack's depth unrolls it completely. Rolled, a scan under autodiff copies every residual of every block
+    into a stacked buffer and back out for the backward pass; unrolled, each block keeps its own buffers (the tiny
+    preset's and the small benchmark config's forward+backward: 8 % faster on this CPU), at compile time that grows
+    with depth. The real-size presets stay rolled.
     """
 
     patch_size: int = 1
@@ -53,6 +60,7 @@ class Flux2Config:
     guidance_embeds: bool = True
     dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -80,6 +88,8 @@ class Flux2Config:
             raise ValueError(f"Flux2Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Flux2Config.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ValueError(f"Flux2Config.scan_unroll must be an integer >= 1, got {self.scan_unroll!r}")
 
     @property
     def inner_dim(self) -> int:
@@ -98,13 +108,12 @@ class Flux2Config:
 
     def to_diffusers(self) -> dict:
         """Keyword arguments that build the same architecture as `Flux2Transformer2DModel(**kwargs)`."""
-        policy = {"dtype", "remat"}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in policy}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in POLICY_FIELDS}
 
     @classmethod
     def from_diffusers(cls, config: dict, **policy) -> "Flux2Config":
         """From a diffusers `config.json` dict; bookkeeping keys (`_class_name`, ...) are dropped, unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "remat"}
+        known = {f.name for f in dataclasses.fields(cls)} - POLICY_FIELDS
         arch = {k: v for k, v in config.items() if not k.startswith("_")}
         unknown = sorted(set(arch) - known)
         if unknown:
@@ -119,8 +128,9 @@ PRESETS = {
     "klein-9b": Flux2Config(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
                             guidance_embeds=False),
     # Trains from scratch in minutes on 2 CPU cores (TINY.md); 32 input channels = the tiny VAE's 8 latents x 2x2.
+    # Both stacks are 2 blocks deep and unrolled (see `scan_unroll`).
     "tiny": Flux2Config(in_channels=32, num_layers=2, num_single_layers=2, attention_head_dim=32,
-                        num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(8, 8, 8, 8)),
+                        num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(8, 8, 8, 8), scan_unroll=2),
 }
 
 
@@ -266,57 +276,69 @@ def _heads(x: jax.Array, head_dim: int) -> jax.Array:
 # Scores of one query chunk, (B, H_group, chunk, S_kv) in the softmax dtype, are kept under this many bytes: with
 # the probabilities and their low-precision copy that is a few such buffers, which stay inside a 32 MiB L3 cache.
 SCORE_BUDGET_BYTES = 18 * 2**20
+# When the whole score matrix (B, H, S_q, S_kv) fits this many bytes, attention runs as one chunk and keeps its
+# unnormalised probabilities for the backward pass instead of recomputing them from the row logsumexp: recomputing
+# costs a second Q·Kᵀ with an S x S output, the most expensive product of the pass. Tiny preset (8 x 516 tokens x 4
+# heads, 34 MB of scores) forward+backward of one call: 61-75 -> 44-54 ms.
+SAVED_SCORES_BUDGET_BYTES = 128 * 2**20
 _ROWS = 8  # query chunks are a multiple of 8 rows (the CPU's SIMD width in float32)
 
 
-def _attention_plan(batch: int, heads: int, q_len: int, kv_len: int, itemsize: int, budget: int) -> tuple[int, int]:
-    """(heads per group, query chunk) so one chunk's scores `batch·group·chunk·kv_len·itemsize` fit `budget`.
+def _attention_plan(batch: int, heads: int, q_len: int, kv_len: int, itemsize: int, budget: int,
+                    saved_budget: int = 0) -> tuple[int, int, bool]:
+    """(heads per group, query chunk, probabilities saved) for scores of `itemsize` bytes.
 
-    Chunks are multiples of 8 rows and as equal as the chunk count allows (a 2112-token sequence is 4 chunks of 528,
-    not 3 of 552 plus padding). When even 8 rows of every head exceed the budget (FLUX.2-dev at long sequences or
-    large batches), heads are processed in groups, the largest divisor of the head count that fits; a single head of
-    8 rows is the floor, so the budget bounds memory only down to `batch·8·kv_len·itemsize`.
+    If all scores `batch·heads·q_len·kv_len·itemsize` fit `saved_budget`, one unpadded chunk whose probabilities are
+    kept for the backward pass. Otherwise one chunk's scores `batch·group·chunk·kv_len·itemsize` fit `budget` and the
+    backward recomputes them: chunks are multiples of 8 rows and as equal as the chunk count allows (a 2112-token
+    sequence is 4 chunks of 528, not 3 of 552 plus padding). When even 8 rows of every head exceed the budget
+    (FLUX.2-dev at long sequences or large batches), heads are processed in groups, the largest divisor of the head
+    count that fits; a single head of 8 rows is the floor, so the budget bounds memory only down to
+    `batch·8·kv_len·itemsize`.
     """
+    if batch * heads * q_len * kv_len * itemsize <= saved_budget:
+        return heads, q_len, True
     rows = budget // max(batch * kv_len * itemsize, 1)
     if rows < heads * _ROWS:
         group = max([g for g in range(1, heads + 1) if heads % g == 0 and g * _ROWS <= rows], default=1)
-        return group, _ROWS
+        return group, _ROWS, False
     padded_len = -(-q_len // _ROWS) * _ROWS
     chunk = min(rows // heads // _ROWS * _ROWS, padded_len)
     count = -(-q_len // chunk)
-    return heads, -(-q_len // (count * _ROWS)) * _ROWS
+    return heads, -(-q_len // (count * _ROWS)) * _ROWS, False
 
 
 def _chunk_scores(q, k, softmax_dtype):
-    """Raw scores q·kᵀ (B·H, c, S) in the softmax dtype; the 1/sqrt(Dh) scale is applied inside the fused exp."""
+    """Scores q·kᵀ (B·H, c, S) in the softmax dtype; q arrives scaled by 1/sqrt(Dh) (see `attention`)."""
     return jnp.einsum("zqd,zkd->zqk", q, k, preferred_element_type=softmax_dtype)
 
 
-def _chunk_forward(q, k, v, scale):
-    """Softmax attention of one query chunk (B·H, c, Dh): output in v's dtype and the row logsumexp (B·H, c)."""
+def _chunk_forward(q, k, v, save):
+    """Softmax attention of one query chunk (B·H, c, Dh): output in v's dtype and what the backward needs, the
+    unnormalised probabilities and their row sums (B·H, c, S), (B·H, c, 1) if `save`, else the row logsumexp (B·H, c)."""
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
     scores = _chunk_scores(q, k, softmax_dtype)
     peak = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.exp((scores - peak) * scale)
+    weights = jnp.exp(scores - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.einsum("zqk,zkd->zqd", weights.astype(v.dtype), v, preferred_element_type=softmax_dtype) / total
-    return out.astype(v.dtype), (peak * scale + jnp.log(total))[..., 0]
+    return out.astype(v.dtype), ((weights, total) if save else (peak + jnp.log(total))[..., 0])
 
 
-@jax.custom_vjp
-def _chunked_attention(q_chunks, k, v):
-    """Attention with queries pre-split into chunks (n, B·H, c, Dh) against k, v (B·H, S, Dh).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_attention(q_chunks, k, v, save):
+    """Attention, softmax(q·kᵀ)·v, with queries pre-split into chunks (n, B·H, c, Dh) against k, v (B·H, S, Dh).
 
-    `lax.map` runs one chunk at a time, so only one chunk's score matrix exists; the backward pass (below) recomputes
-    each chunk's probabilities from the saved row logsumexp instead of storing the (B, H, S, S) matrix.
+    `lax.map` runs one chunk at a time, so only one chunk's score matrix exists; unless `save`, the backward pass
+    (below) recomputes each chunk's probabilities from the saved row logsumexp instead of storing the (B, H, S, S)
+    matrix.
     """
-    return _chunked_attention_fwd(q_chunks, k, v)[0]
+    return _chunked_attention_fwd(q_chunks, k, v, save)[0]
 
 
-def _chunked_attention_fwd(q_chunks, k, v):
-    scale = 1.0 / math.sqrt(q_chunks.shape[-1])
-    out, lse = jax.lax.map(lambda q: _chunk_forward(q, k, v, scale), q_chunks)
-    return out, (q_chunks, k, v, out, lse)
+def _chunked_attention_fwd(q_chunks, k, v, save):
+    out, stats = jax.lax.map(lambda q: _chunk_forward(q, k, v, save), q_chunks)
+    return out, (q_chunks, k, v, out, stats)
 
 
 def _materialised_t(x: jax.Array) -> jax.Array:
@@ -324,42 +346,48 @@ def _materialised_t(x: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.swapaxes(x, 1, 2))
 
 
-def _chunked_attention_bwd(residuals, d_out):
+def _chunked_attention_bwd(save, residuals, d_out):
     """Flash-attention backward: per chunk P = exp(s − lse), dV += Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)),
     dQ = dS·K, dK += dSᵀ·Q; dK and dV accumulate in the softmax dtype across a `lax.scan` over chunks.
+
+    With saved probabilities P = W / T (unnormalised W, row sums T), the same formulas hold with W for P and dO / T
+    for dO, so the S x S matrix is never divided.
 
     dK and dV are accumulated transposed, (B·H, Dh, S) = dOᵀ·P and Qᵀ·dS with the small (c, Dh) operand transposed
     in memory, so that every product is a row-major batched GEMM; XLA:CPU runs a product that contracts the leading
     axis of both operands through a generic loop instead of its GEMM library (attention alone at 2112 tokens,
     forward+backward: 207 -> 170 ms; the tiny preset's step: 470 -> 450 ms).
     """
-    q_chunks, k, v, out, lse = residuals
+    q_chunks, k, v, out, stats = residuals
     softmax_dtype = jnp.promote_types(q_chunks.dtype, jnp.float32)
-    scale = 1.0 / math.sqrt(q_chunks.shape[-1])
 
     def step(carry, chunk):
         dk, dv = carry
-        q, do, o, row_lse = chunk
-        probs = jnp.exp(_chunk_scores(q, k, softmax_dtype) * scale - row_lse[..., None])
+        q, do, o, chunk_stats = chunk
+        if save:
+            probs, total = chunk_stats
+            do = (do.astype(softmax_dtype) / total).astype(do.dtype)
+        else:
+            probs = jnp.exp(_chunk_scores(q, k, softmax_dtype) - chunk_stats[..., None])
         dv = dv + jnp.einsum("zdq,zqk->zdk", _materialised_t(do), probs.astype(do.dtype),
                              preferred_element_type=softmax_dtype)
         d_probs = jnp.einsum("zqd,zkd->zqk", do, v, preferred_element_type=softmax_dtype)
         row_dot = jnp.sum(do.astype(softmax_dtype) * o.astype(softmax_dtype), axis=-1, keepdims=True)
-        d_scores = (probs * (d_probs - row_dot) * scale).astype(q.dtype)
-        dq = jnp.einsum("zqk,zkd->zqd", d_scores, k, preferred_element_type=softmax_dtype).astype(q.dtype)
+        d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
+        dq = jnp.einsum("zqk,zkd->zqd", d_scores, k, preferred_element_type=softmax_dtype)
         dk = dk + jnp.einsum("zdq,zqk->zdk", _materialised_t(q), d_scores, preferred_element_type=softmax_dtype)
-        return (dk, dv), dq
+        return (dk, dv), dq.astype(q.dtype)
 
     transposed = (k.shape[0], k.shape[2], k.shape[1])
     zeros = (jnp.zeros(transposed, softmax_dtype), jnp.zeros(transposed, softmax_dtype))
-    (dk, dv), dq = jax.lax.scan(step, zeros, (q_chunks, d_out, out, lse))
+    (dk, dv), dq = jax.lax.scan(step, zeros, (q_chunks, d_out, out, stats))
     return dq, jnp.swapaxes(dk, 1, 2).astype(k.dtype), jnp.swapaxes(dv, 1, 2).astype(v.dtype)
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
-def _attention_heads(q, k, v, chunk):
+def _attention_heads(q, k, v, chunk, save):
     """(B, S, H, Dh) q/k/v -> (B, S, H, Dh) output: pad queries to whole chunks, attend, drop the padding.
 
     Padded query rows are zeros; their outputs are discarded and their cotangents are zero, so they add nothing to dk
@@ -374,31 +402,37 @@ def _attention_heads(q, k, v, chunk):
     def heads_first(x):
         return x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)
 
-    out = _chunked_attention(q_chunks, heads_first(k), heads_first(v))
+    out = _chunked_attention(q_chunks, heads_first(k), heads_first(v), save)
     return out.reshape(count, b, h, chunk, d).transpose(1, 0, 3, 2, 4).reshape(b, count * chunk, h, d)[:, :s]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, score_budget: int | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, score_budget: int | None = None,
+              saved_budget: int | None = None) -> jax.Array:
     """Unmasked softmax attention over (B, S, H, Dh), scale 1/sqrt(Dh); returns (B, S, H·Dh) in v's dtype.
 
     Memory-bound on the CPU if done naively: the small config's (1, 4, 2112, 2112) float32 score matrix is 71 MB,
     more than the L3 cache, and a plain softmax streams it several times. Queries are therefore processed in chunks
     whose scores fit `score_budget` bytes (default: the module's `SCORE_BUDGET_BYTES`, read at trace time; see
-    `_attention_plan`), with a flash-style custom backward, so neither pass materialises the full matrix. The
-    softmax runs in at least float32 (float64 stays float64, which `jax.nn.dot_product_attention` would not do);
-    bf16 matmuls accumulate in float32.
+    `_attention_plan`), with a flash-style custom backward, so neither pass materialises the full matrix, unless the
+    whole matrix fits `saved_budget` (default `SAVED_SCORES_BUDGET_BYTES`; 0 never saves): then the probabilities are
+    kept for the backward instead of recomputed. The softmax runs in at least float32 (float64 stays float64, which
+    `jax.nn.dot_product_attention` would not do); bf16 matmuls accumulate in float32. The 1/sqrt(Dh) scale goes on q
+    (B, S, H, Dh), not on the scores: XLA:CPU materialised that scalar's broadcast at the S x S size (13 ms of a 70 ms
+    tiny-preset attention call) to feed the fused products.
     """
     b, s, h, d = q.shape
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    q = (q.astype(softmax_dtype) / math.sqrt(d)).astype(q.dtype)
     budget = SCORE_BUDGET_BYTES if score_budget is None else score_budget
-    group, chunk = _attention_plan(b, h, s, k.shape[1], jnp.dtype(softmax_dtype).itemsize, budget)
+    saved = SAVED_SCORES_BUDGET_BYTES if saved_budget is None else saved_budget
+    group, chunk, save = _attention_plan(b, h, s, k.shape[1], jnp.dtype(softmax_dtype).itemsize, budget, saved)
     if group == h:
-        out = _attention_heads(q, k, v, chunk)
+        out = _attention_heads(q, k, v, chunk, save)
     else:
         def split(x):
             return jnp.moveaxis(x.reshape(*x.shape[:2], h // group, group, d), 2, 0)
 
-        out = jax.lax.map(lambda qkv: _attention_heads(*qkv, chunk), (split(q), split(k), split(v)))
+        out = jax.lax.map(lambda qkv: _attention_heads(*qkv, chunk, save), (split(q), split(k), split(v)))
         out = jnp.moveaxis(out, 0, 2)
     return out.reshape(b, s, h * d)
 
@@ -520,14 +554,16 @@ def _remat(fn, policy: str):
     return jax.checkpoint(fn, prevent_cse=False, policy=getattr(jax.checkpoint_policies, policy))
 
 
-def _scan_blocks(block_fn, carry, stacked_params, stacked_lora, policy):
-    """Run a stack of identical blocks with `lax.scan` (optionally rematerialised), LoRA slices riding along."""
+def _scan_blocks(block_fn, carry, stacked_params, stacked_lora, config: Flux2Config):
+    """Run a stack of identical blocks with `lax.scan` (rematerialised and unrolled as `config` says), LoRA slices
+    riding along."""
 
     def step(carry, layer):
         p, lora = layer
         return block_fn(p, lora, carry), None
 
-    carry, _ = jax.lax.scan(_remat(step, policy), carry, (stacked_params, stacked_lora))
+    carry, _ = jax.lax.scan(_remat(step, config.remat), carry, (stacked_params, stacked_lora),
+                            unroll=config.scan_unroll)
     return carry
 
 
@@ -614,11 +650,11 @@ def apply(
 
     x, c = _scan_blocks(
         lambda p, lo, xc: double_block(p, lo, lora_scale, *xc, mod_img, mod_txt, rope, config),
-        (x, c), params["transformer_blocks"], _sub(lora, "transformer_blocks"), config.remat)
+        (x, c), params["transformer_blocks"], _sub(lora, "transformer_blocks"), config)
     h = jnp.concatenate([c, x], axis=1)
     h = _scan_blocks(
         lambda p, lo, hh: single_block(p, lo, lora_scale, hh, mod_single, rope, config),
-        h, params["single_transformer_blocks"], _sub(lora, "single_transformer_blocks"), config.remat)
+        h, params["single_transformer_blocks"], _sub(lora, "single_transformer_blocks"), config)
     h = h[:, length:]
 
     scale, shift = jnp.split(layers.linear(params["norm_out"]["linear"], silu_temb)[:, None, :], 2, axis=-1)
