@@ -279,7 +279,8 @@ SCORE_BUDGET_BYTES = 18 * 2**20
 # When the whole score matrix (B, H, S_q, S_kv) fits this many bytes, attention runs as one chunk and keeps its
 # unnormalised probabilities for the backward pass instead of recomputing them from the row logsumexp: recomputing
 # costs a second Q·Kᵀ with an S x S output, the most expensive product of the pass. Tiny preset (8 x 516 tokens x 4
-# heads, 34 MB of scores) forward+backward of one call: 61-75 -> 44-54 ms.
+# heads, 34 MB of scores) forward+backward of one call alone: 61-75 -> 44-54 ms; of the whole model 3-5 %, since the
+# kept probabilities are read back from memory rather than cache (README, performance).
 SAVED_SCORES_BUDGET_BYTES = 128 * 2**20
 _ROWS = 8  # query chunks are a multiple of 8 rows (the CPU's SIMD width in float32)
 
