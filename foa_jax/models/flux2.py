@@ -316,7 +316,8 @@ def _chunk_scores(q, k, softmax_dtype):
 
 def _chunk_forward(q, k, v, save):
     """Softmax attention of one query chunk (B·H, c, Dh): output in v's dtype and what the backward needs, the
-    unnormalised probabilities and their row sums (B·H, c, S), (B·H, c, 1) if `save`, else the row logsumexp (B·H, c)."""
+    unnormalised probabilities and their row sums, (B·H, c, S) and (B·H, c, 1), if `save`, else the row logsumexp
+    (B·H, c)."""
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
     scores = _chunk_scores(q, k, softmax_dtype)
     peak = jnp.max(scores, axis=-1, keepdims=True)
