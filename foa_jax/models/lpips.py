@@ -152,8 +152,8 @@ def _max_pool(x: jax.Array, pool: MaxPool) -> jax.Array:
     """torch's `MaxPool2d(window, stride)` on NHWC; tiled windows (window == stride, VGG's 2x2) take `_tiled_max`.
 
     Overlapping windows (AlexNet's 3/2) use `lax.reduce_window`, whose gradient JAX builds from a windowed argmax
-    (an index array per input element) and a scatter: for VGG's pools at 256 px that backward cost ~40 ms, ~10x the
-    tiled version.
+    (an index array per input element) and a scatter: VGG's four pools of one 256-px image, forward+backward,
+    90-108 ms that way against 2.4-3.9 ms tiled.
     """
     if pool.window == pool.stride:
         k = pool.window
