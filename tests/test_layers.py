@@ -1,4 +1,5 @@
-"""foa_jax.models.layers: hand-written LayerNorm, RMSNorm and GroupNorm backward passes against plain autodiff."""
+"""foa_jax.models.layers: hand-written LayerNorm, RMSNorm and GroupNorm backward passes against plain autodiff, and
+the last-axis product sum they use against NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,20 @@ def rms_norm_case(rng, shape, dtype):
     scale = jnp.asarray(1 + 0.3 * rng.standard_normal(shape[-1]), dtype)
     ours, plain = (lambda p, x: layers.rms_norm(p, x, EPS)), (lambda p, x: plain_rms_norm(p["scale"], x))
     return ours, plain, ({"scale": scale}, x)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 8), (3, 4, 2, 16), (7, 1), (6,)])
+@pytest.mark.parametrize("precision,tol", PRECISIONS)
+def test_channel_dot_is_the_last_axis_sum_of_products(shape, precision, tol):
+    rng = np.random.default_rng(1)
+    x, y = (rng.standard_normal(shape) for _ in range(2))
+    with jax.enable_x64(precision == "float64"):
+        dtype = jnp.dtype(precision)
+        got = layers.channel_dot(jnp.asarray(x, dtype), jnp.asarray(y, dtype))
+        assert got.shape == shape[:-1] + (1,) and got.dtype == dtype
+        rounded = [np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, y)]
+        want = np.sum(rounded[0] * rounded[1], axis=-1, keepdims=True)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * np.sqrt(shape[-1]))
 
 
 @pytest.mark.parametrize("case", [layer_norm_case, rms_norm_case])

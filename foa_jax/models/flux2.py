@@ -374,7 +374,7 @@ def _chunked_attention_bwd(save, residuals, d_out):
         dv = dv + jnp.einsum("zdq,zqk->zdk", _materialised_t(do), probs.astype(do.dtype),
                              preferred_element_type=softmax_dtype)
         d_probs = jnp.einsum("zqd,zkd->zqk", do, v, preferred_element_type=softmax_dtype)
-        row_dot = jnp.sum(do.astype(softmax_dtype) * o.astype(softmax_dtype), axis=-1, keepdims=True)
+        row_dot = layers.channel_dot(do.astype(softmax_dtype), o.astype(softmax_dtype))
         d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
         dq = jnp.einsum("zqk,zkd->zqd", d_scores, k, preferred_element_type=softmax_dtype)
         dk = dk + jnp.einsum("zdq,zqk->zdk", _materialised_t(q), d_scores, preferred_element_type=softmax_dtype)

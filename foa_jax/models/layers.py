@@ -24,6 +24,17 @@ def _stat_dtype(x: jax.Array):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
+def channel_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Σ over the last axis of x·y, keeping it as a unit axis: (..., C) x (..., C) -> (..., 1).
+
+    Written as a contraction rather than `sum(x * y, -1)`: XLA:CPU fuses the latter into a YNNPACK multiply-reduce
+    that runs on one core and slowly whenever the leading axis has extent 1 (batch 1, as in a LoRA step on one
+    crop): (1, 576, 512) 1.40 vs 0.22 ms, (1, 2112, 512) 5.8 vs 1.1 ms, (1, 65536, 32) 13.2 vs 0.74 ms; the same
+    sums over (576, 512) take 0.11 ms either way. Every backward pass here that needs a per-row `Σ dy·x` uses this.
+    """
+    return jnp.einsum("...c,...c->...", x, y)[..., None]
+
+
 def linear(p: Params, x: jax.Array, lora: Params | None = None, lora_scale: float = 1.0) -> jax.Array:
     """`x @ kernel (+ bias)`, plus `lora_scale · (x @ A) @ B` when a LoRA branch is given.
 
@@ -71,7 +82,8 @@ def _layer_norm_bwd(eps, residuals, dy):
     """dx = (dy − mean(dy) − x̂·mean(dy·x̂)) / σ, the standard LayerNorm gradient without affine terms."""
     y, inv_std = residuals
     normed, g = y.astype(inv_std.dtype), dy.astype(inv_std.dtype)
-    dx = (g - jnp.mean(g, axis=-1, keepdims=True) - normed * jnp.mean(g * normed, axis=-1, keepdims=True)) * inv_std
+    n = normed.shape[-1]
+    dx = (g - jnp.mean(g, axis=-1, keepdims=True) - normed * (channel_dot(g, normed) / n)) * inv_std
     return (dx.astype(dy.dtype),)
 
 
@@ -102,7 +114,7 @@ def _rms_norm_bwd(eps, residuals, dy):
     normed = x.astype(inv_rms.dtype) * inv_rms
     dyf = dy.astype(inv_rms.dtype)
     g = dyf * scale.astype(inv_rms.dtype)
-    dx = (g - normed * jnp.mean(g * normed, axis=-1, keepdims=True)) * inv_rms
+    dx = (g - normed * (channel_dot(g, normed) / x.shape[-1])) * inv_rms
     d_scale = jnp.einsum("nd,nd->d", dyf.reshape(-1, x.shape[-1]), normed.reshape(-1, x.shape[-1]))
     return {"scale": d_scale.astype(scale.dtype)}, dx.astype(dy.dtype)
 

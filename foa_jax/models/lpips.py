@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from foa_jax import params as P
-from foa_jax.models.layers import conv2d
+from foa_jax.models.layers import channel_dot, conv2d
 
 Params = dict
 
@@ -236,7 +236,7 @@ def _normalize_channels_bwd(eps, residuals, dy):
     """
     f, norm = residuals
     inv = 1 / (norm + eps)
-    along = jnp.sum(dy * f, axis=-1, keepdims=True)
+    along = channel_dot(dy, f)
     coefficient = jnp.where(norm > 0, along * jnp.square(inv) / jnp.where(norm > 0, norm, 1), 0)
     return (dy * inv - f * coefficient,)
 
