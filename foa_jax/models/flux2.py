@@ -363,18 +363,22 @@ def _chunked_attention_bwd(save, residuals, d_out):
     q_chunks, k, v, out, stats = residuals
     softmax_dtype = jnp.promote_types(q_chunks.dtype, jnp.float32)
 
+    # rowsum(dO∘O) for every chunk at once, before the loop: computed inside it, XLA:CPU fused the sum into the
+    # dO·Vᵀ product's YNNPACK fusion, which then took 9-11 instead of ~5 ms per call at 576 tokens x 4 heads.
+    row_dots = layers.channel_dot(d_out.astype(softmax_dtype), out.astype(softmax_dtype))
+
     def step(carry, chunk):
         dk, dv = carry
-        q, do, o, chunk_stats = chunk
+        q, do, row_dot, chunk_stats = chunk
         if save:
             probs, total = chunk_stats
             do = (do.astype(softmax_dtype) / total).astype(do.dtype)
+            row_dot = row_dot / total
         else:
             probs = jnp.exp(_chunk_scores(q, k, softmax_dtype) - chunk_stats[..., None])
         dv = dv + jnp.einsum("zdq,zqk->zdk", _materialised_t(do), probs.astype(do.dtype),
                              preferred_element_type=softmax_dtype)
         d_probs = jnp.einsum("zqd,zkd->zqk", do, v, preferred_element_type=softmax_dtype)
-        row_dot = layers.channel_dot(do.astype(softmax_dtype), o.astype(softmax_dtype))
         d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
         dq = jnp.einsum("zqk,zkd->zqd", d_scores, k, preferred_element_type=softmax_dtype)
         dk = dk + jnp.einsum("zdq,zqk->zdk", _materialised_t(q), d_scores, preferred_element_type=softmax_dtype)
@@ -382,7 +386,7 @@ def _chunked_attention_bwd(save, residuals, d_out):
 
     transposed = (k.shape[0], k.shape[2], k.shape[1])
     zeros = (jnp.zeros(transposed, softmax_dtype), jnp.zeros(transposed, softmax_dtype))
-    (dk, dv), dq = jax.lax.scan(step, zeros, (q_chunks, d_out, out, stats))
+    (dk, dv), dq = jax.lax.scan(step, zeros, (q_chunks, d_out, row_dots, stats))
     return dq, jnp.swapaxes(dk, 1, 2).astype(k.dtype), jnp.swapaxes(dv, 1, 2).astype(v.dtype)
 
 
