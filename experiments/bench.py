@@ -9,7 +9,7 @@ Sections:
   1024 target + 1024 reference + 64 text tokens); compile time of the small config's forward+backward at depth 2 and
   16 (scanned stacks keep it flat).
 - `lora_step`: one Flux2SR LoRA train step on the small config (rank 16, `attn+add`): flow matching + Charbonnier +
-  LPIPS-VGG through the tiny VAE decoder at 512 px, clipped AdamW; each framework in its own process so its peak
+  LPIPS-VGG through the tiny VAE decoder at 256 px, clipped AdamW; each framework in its own process so its peak
   memory is its own.
 - `sampler`: candidates per second of the 16-step Euler sampler with one reference image (`foa_jax.sr`) against
   `Flux2Pipeline.__call__` (prompt embedding and noise given, reference photo encoded by the pipeline itself).
@@ -18,11 +18,13 @@ Sections:
 - `flux2_dev`: the real preset on paper: parameter count and the compiled memory of a bf16 forward.
 
 Each framework is timed in its own block after a warm-up call (JAX's includes compilation, reported separately):
-median of `--repeats` calls; torch forwards run under `torch.no_grad`. Every comparison also prints how far apart the
-two frameworks' results are, so a ratio is never between two different computations. Other jobs sharing the 2
-cores distort the ratios (torch far more than JAX, see `others_cpu`): before each section the CPU use of other jobs
-is measured and recorded with the load average, and `--wait-idle SECONDS` waits for them to leave. Results: a table
-on stdout, JSON in `<out>/bench.json`.
+median of `--repeats` calls; torch forwards run under `torch.no_grad`. Weights and inputs are resident in both
+frameworks before timing (torch tensors; JAX device arrays, as the trainers hold them): a compiled JAX step handed
+numpy arrays copies them on every call (the LoRA step's 125 MB of small-config weights: ~16 ms per step). Every
+comparison also prints how far apart the two frameworks' results are, so a ratio is never between two different
+computations. Other jobs sharing the 2 cores distort the ratios (torch far more than JAX, see `others_cpu`): before
+each section the CPU use of other jobs is measured and recorded with the load average, and `--wait-idle SECONDS`
+waits for them to leave. Results: a table on stdout, JSON in `<out>/bench.json`.
 """
 
 from __future__ import annotations
@@ -210,13 +212,13 @@ def transformer_pair(config: flux2.Flux2Config, seed: int = SEED):
     """(torch model, JAX params) with identical float32 weights: diffusers' seeded init, converted by ports.convert."""
     model = torch_reference.tiny_transformer(config, seed=seed)
     params = torch_reference.jax_params(model, lambda: flux2.init(config, jax.random.key(0)), flux2.STACKS)
-    return model, params
+    return model, jax.device_put(params)
 
 
 def vae_pair(seed: int = SEED + 1):
     model = torch_reference.tiny_vae(TINY_VAE, seed=seed)
     params = torch_reference.jax_params(model, lambda: vae.init(TINY_VAE, jax.random.key(0)))
-    return model.requires_grad_(False), params
+    return model.requires_grad_(False), jax.device_put(params)
 
 
 def lpips_pair(net: str = "vgg"):
@@ -284,14 +286,15 @@ def bench_workload(work: Workload, repeats: int) -> dict:
     def loss(p, x, ctx, t, g, target):
         return jnp.mean(jnp.square(forward(p, x, ctx, t, g) - target))
 
-    args = [data[k] for k in ("x", "ctx", "t", "g")]
+    args = [jnp.asarray(data[k]) for k in ("x", "ctx", "t", "g")]
     jax_forward = jax.jit(forward)
     jax_grad = jax.jit(jax.value_and_grad(loss))
     row = {"workload": work.describe(), "load_before": load()}
     row["jax_fwd"] = timed(lambda: jax_forward(params, *args).block_until_ready(), repeats)
-    row["jax_fwd_bwd"] = timed(lambda: jax.block_until_ready(jax_grad(params, *args, data["target"])), repeats)
+    jax_target = jnp.asarray(data["target"])
+    row["jax_fwd_bwd"] = timed(lambda: jax.block_until_ready(jax_grad(params, *args, jax_target)), repeats)
     jax_out = np.asarray(jax_forward(params, *args))
-    row["loss_jax"] = float(jax_grad(params, *args, data["target"])[0])
+    row["loss_jax"] = float(jax_grad(params, *args, jax_target)[0])
 
     torch_args, target = as_torch(data, "x", "ctx", "t", "g"), torch.from_numpy(data["target"])
 
@@ -420,7 +423,7 @@ def lora_step_jax(work: Workload, repeats: int) -> dict:
     step = train.make_step(sft.make_loss(models, config, work.grid, size), optim)
     frozen = {"transformer": params, "vae": vae_params, "lpips": load_lpips_params("vgg")}
     state = train.init_state(adapter, optim, jax.random.PRNGKey(SEED))
-    stacked = {k: v[None] for k, v in batch.items()}  # one gradient-accumulation micro-batch
+    stacked = jax.device_put({k: v[None] for k, v in batch.items()})  # one gradient-accumulation micro-batch
     compiled, info = compile_step(step, state, frozen, stacked)
     holder = {"state": state}
 
@@ -503,7 +506,7 @@ def dpo_step_jax(work: Workload, repeats: int) -> dict:
     step = train.make_step(loss_fn, optim)
     frozen = {"transformer": params, "reference": reference}
     holder = {"state": train.init_state(policy, optim, jax.random.PRNGKey(SEED))}
-    stacked = {k: v[None] for k, v in batch.items()}
+    stacked = jax.device_put({k: v[None] for k, v in batch.items()})
     compiled, info = compile_step(step, holder["state"], frozen, stacked)
 
     def run():
