@@ -20,7 +20,7 @@ Sections:
 Each framework is timed in its own block after a warm-up call (JAX's includes compilation, reported separately):
 median of `--repeats` calls; torch forwards run under `torch.no_grad`. Weights and inputs are resident in both
 frameworks before timing (torch tensors; JAX device arrays, as the trainers hold them): a compiled JAX step handed
-numpy arrays copies them on every call (the LoRA step's 125 MB of small-config weights: ~16 ms per step). Every
+numpy arrays copies them on every call (the LoRA step's 125 MB of small-config weights: 16-52 ms per step). Every
 comparison also prints how far apart the two frameworks' results are, so a ratio is never between two different
 computations. Other jobs sharing the 2 cores distort the ratios (torch far more than JAX, see `others_cpu`): before
 each section the CPU use of other jobs is measured and recorded with the load average, and `--wait-idle SECONDS`
