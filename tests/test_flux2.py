@@ -202,6 +202,31 @@ def _jax_attention_and_grads(q, k, v, weights, plan):
     return np.asarray(out, np.float64), [np.asarray(g, np.float64) for g in grads]
 
 
+@pytest.mark.parametrize("axes_dims,theta", [((8, 8, 8, 8), 2000), ((32, 32, 32, 32), 2000), ((2, 4, 6, 4), 10000)])
+def test_rope_table_matches_diffusers_pos_embed(axes_dims, theta):
+    """The gathered cos/sin tables against diffusers' `Flux2PosEmbed` (float64 angles) on the pipeline's own ids."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
+
+    img_ids, txt_ids = _ids(2, 8)
+    ids = np.concatenate([txt_ids, img_ids]) + np.array([0, 3, 0, 0])  # a nonzero height axis too
+    want_cos, want_sin = Flux2PosEmbed(theta, list(axes_dims))(torch.from_numpy(ids))
+    with jax.enable_x64(True):
+        got_cos, got_sin = jax.jit(flux2.rope_table, static_argnums=(1, 2))(jnp.asarray(ids), axes_dims, theta)
+    assert got_cos.shape == got_sin.shape == (len(ids), sum(axes_dims))
+    np.testing.assert_allclose(np.asarray(got_cos), want_cos.numpy(), atol=1e-7, rtol=0)
+    np.testing.assert_allclose(np.asarray(got_sin), want_sin.numpy(), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, jnp.bfloat16])
+def test_fusion_boundary_is_the_identity(dtype):
+    with jax.enable_x64(dtype == np.float64):
+        x = jnp.asarray(np.random.default_rng(0).standard_normal(64) * 10.0 ** np.arange(-8, 8, 0.25), dtype)
+        x = jnp.concatenate([x, jnp.asarray([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40], dtype)])
+        y = jax.jit(flux2._fusion_boundary)(x)
+        assert y.dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(y).view(np.uint8), np.asarray(x).view(np.uint8))  # bit for bit
+
+
 def test_attention_plan_chunks_and_head_groups():
     b, s, h, _ = ATTN_SHAPE
     assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET) == (2, 8, False)
