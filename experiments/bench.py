@@ -51,7 +51,7 @@ import torch
 from experiments import common
 from foa_jax import lora as lora_lib
 from foa_jax import losses, sampling, sr, train
-from foa_jax.models import flux2, vae
+from foa_jax.models import flux2, layers, vae
 from tests import torch_reference
 
 SECTIONS = ("transformer", "lora_step", "sampler", "dpo_step", "flux2_dev")
@@ -421,7 +421,8 @@ def lora_step_jax(work: Workload, repeats: int) -> dict:
     config = sft.SFTConfig(mode="lora", lora=LORA, loss=loss_config, optim=optim, bf16=False, remat="none",
                            guidance=1.0)
     step = train.make_step(sft.make_loss(models, config, work.grid, size), optim)
-    frozen = {"transformer": params, "vae": vae_params, "lpips": load_lpips_params("vgg")}
+    frozen = {"transformer": params, "vae": vae_params,
+              "lpips": layers.with_input_grad_kernels(load_lpips_params("vgg"))}
     state = train.init_state(adapter, optim, jax.random.PRNGKey(SEED))
     stacked = jax.device_put({k: v[None] for k, v in batch.items()})  # one gradient-accumulation micro-batch
     compiled, info = compile_step(step, state, frozen, stacked)

@@ -27,7 +27,7 @@ from foa_jax import lora as lora_lib
 from foa_jax import losses, sampling, sr, train
 from foa_jax.data import cache as cache_lib
 from foa_jax.data.dataset import DataConfig, Dataset, FolderPhotos
-from foa_jax.models import flux2, vae
+from foa_jax.models import flux2, layers, vae
 from ports import convert, photos
 from ports.lpips_weights import load_lpips_params
 
@@ -215,7 +215,9 @@ def main(argv=None) -> Path:
     cache = prepare_data(args, config, models, out)
     size = config.data.gt_size
     f = models.vae_config.token_factor
-    frozen = {"vae": models.vae, "lpips": load_lpips_params(config.loss.lpips_net)}
+    # LPIPS stays frozen: its convolutions' input-gradient kernels are computed once here, not in every step.
+    lpips_params = layers.with_input_grad_kernels(load_lpips_params(config.loss.lpips_net))
+    frozen = {"vae": models.vae, "lpips": lpips_params}
     if config.mode == "lora":
         trainable = lora_lib.init(models.transformer, config.lora, jax.random.PRNGKey(args.seed))
         frozen["transformer"] = models.transformer

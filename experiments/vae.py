@@ -24,7 +24,7 @@ from experiments import common
 from foa_jax import params as P
 from foa_jax.data.dataset import DataConfig, Dataset
 from foa_jax.models import lpips as lpips_net
-from foa_jax.models import vae
+from foa_jax.models import layers, vae
 from ports import convert, photos
 from ports.lpips_weights import load_lpips_params
 
@@ -103,7 +103,7 @@ def main(argv=None) -> Path:
     vae_config = vae.VAEConfig.preset(config.vae)
     train_photos, _ = photos.split()
     dataset = Dataset(config.data, train_photos, report=print)
-    lpips_params = load_lpips_params("alex")
+    lpips_params = layers.with_input_grad_kernels(load_lpips_params("alex"))
     tx, step_fn = make_step(config, vae_config, args.steps)
     params = vae.init(vae_config, jax.random.PRNGKey(args.seed))
     state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)},

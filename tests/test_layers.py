@@ -122,3 +122,51 @@ def test_group_norm_matches_two_pass_formula(shape, groups, offset, precision, t
 def test_group_norm_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="6 channels are not divisible into 4 groups"):
         layers.group_norm({"scale": jnp.ones(6), "bias": jnp.zeros(6)}, jnp.ones((1, 2, 2, 6)), 4, EPS)
+
+
+@pytest.mark.parametrize("kernel_hw,padding", [((3, 3), "SAME"), ((3, 3), "VALID"), ((3, 3), ((0, 1), (0, 1))),
+                                               ((5, 3), ((4, 0), (2, 1))), ((1, 1), "SAME"),
+                                               ((1, 1), ((1, 1), (0, 2)))])  # padding beyond the kernel
+@pytest.mark.parametrize("precision,tol", PRECISIONS)
+def test_conv_with_input_grad_kernel_matches_autodiff(kernel_hw, padding, precision, tol):
+    """Output and gradients w.r.t. the input and the kernel of a convolution that back-propagates through its
+    precomputed input-gradient kernel, against autodiff of the plain convolution. The precomputed kernel is derived
+    from the kernel inside the differentiated function, so its zero cotangent is checked too."""
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(precision == "float64"):
+        dtype = jnp.dtype(precision)
+        x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)), dtype)
+        kernel = jnp.asarray(rng.standard_normal((*kernel_hw, 3, 5)), dtype)
+        bias = jnp.asarray(rng.standard_normal(5), dtype)
+        out_shape = jax.eval_shape(lambda x: layers.conv2d({"kernel": kernel}, x, padding=padding), x).shape
+        cotangent = jnp.asarray(rng.standard_normal(out_shape), dtype)
+
+        def ours(x, k):
+            module = layers.with_input_grad_kernels({"kernel": k, "bias": bias})
+            return layers.conv2d(module, x, padding=padding)
+
+        assert_vjp_matches(ours, lambda x, k: layers.conv2d({"kernel": k, "bias": bias}, x, padding=padding),
+                           (x, kernel), cotangent, tol)
+
+
+def test_with_input_grad_kernels_adds_one_kernel_per_convolution():
+    rng = np.random.default_rng(4)
+    kernel = jnp.asarray(rng.standard_normal((3, 2, 4, 5)), jnp.float32)
+    tree = {"conv": {"kernel": kernel, "bias": jnp.zeros(5)}, "linear": {"kernel": jnp.ones((4, 5))},
+            "deeper": {"head": {"kernel": jnp.ones((1, 1, 6, 1))}}}
+    got = layers.with_input_grad_kernels(tree)
+    assert set(got["conv"]) == {"kernel", "bias", "input_grad_kernel"} and set(got["linear"]) == {"kernel"}
+    assert got["deeper"]["head"]["input_grad_kernel"].shape == (1, 1, 1, 6)
+    want = np.asarray(kernel)[::-1, ::-1].transpose(0, 1, 3, 2)  # flipped in space, in and out swapped
+    np.testing.assert_array_equal(np.asarray(got["conv"]["input_grad_kernel"]), want)
+    assert "input_grad_kernel" not in tree["conv"]  # the input tree is not modified
+
+
+def test_strided_convolution_ignores_the_input_grad_kernel():
+    """Stride 2 (the encoder's downsampling) keeps autodiff's gradient; the precomputed kernel is for stride 1."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
+    module = layers.with_input_grad_kernels({"kernel": jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)})
+    plain = {"kernel": module["kernel"]}
+    grad = jax.grad(lambda x, m: jnp.sum(layers.conv2d(m, x, stride=2, padding=((0, 1), (0, 1))) ** 2))
+    np.testing.assert_array_equal(np.asarray(grad(x, module)), np.asarray(grad(x, plain)))

@@ -17,6 +17,7 @@ from scipy.ndimage import gaussian_filter
 from skimage import data
 
 from foa_jax import params as P
+from foa_jax.models import layers
 from foa_jax.models import lpips as L
 from ports import lpips_weights as W
 from ports.convert import CheckpointMismatch
@@ -140,12 +141,18 @@ def test_trunk_features_and_float64_parity(net):
             model.to(torch.float32)
 
 
+@pytest.mark.parametrize("input_grad_kernels", [False, True])
 @pytest.mark.parametrize("net", NETS)
-def test_gradient_is_finite_and_matches_torch(net):
+def test_gradient_is_finite_and_matches_torch(net, input_grad_kernels):
+    """The image gradient against torch autograd, also through precomputed input-gradient kernels (as trainers
+    hold the frozen network)."""
     x, y = _pairs(64, 64)
     x, y = x[::8], y[::8]
+    params = W.load_lpips_params(net)
+    if input_grad_kernels:
+        params = layers.with_input_grad_kernels(params)
     grad_fn = jax.jit(jax.grad(lambda a, params, b: jnp.sum(L.lpips_distance(params, net, a, b))))
-    grad = np.asarray(grad_fn(x, W.load_lpips_params(net), y))
+    grad = np.asarray(grad_fn(x, params, y))
     assert np.all(np.isfinite(grad)) and np.max(np.abs(grad)) > 0
     xt = _nchw(x).requires_grad_(True)
     _torch_model(net)(xt, _nchw(y)).sum().backward()
