@@ -17,8 +17,10 @@ Sections:
   frozen reference) against the same loss written with diffusers + peft.
 - `flux2_dev`: the real preset on paper: parameter count and the compiled memory of a bf16 forward.
 
-Each framework is timed in its own block after a warm-up call (JAX's includes compilation, reported separately):
-median of `--repeats` calls; torch forwards run under `torch.no_grad`. Weights and inputs are resident in both
+Each framework is timed in its own blocks after a warm-up call (JAX's includes compilation, reported separately):
+median of `--repeats` calls; torch forwards run under `torch.no_grad`. The transformer section alternates the
+frameworks' blocks (JAX, torch, torch, JAX; `timed_abba`) so that a drift in the machine's speed during the section
+biases neither; the step sections run each framework in its own process. Weights and inputs are resident in both
 frameworks before timing (torch tensors; JAX device arrays, as the trainers hold them): a compiled JAX step handed
 numpy arrays copies them on every call (the LoRA step's 125 MB of small-config weights: 16-52 ms per step). Every
 comparison also prints how far apart the two frameworks' results are, so a ratio is never between two different
@@ -114,6 +116,19 @@ def timed(fn, repeats: int, warmup=None) -> dict:
     first = wall_ms(warmup or fn)
     times = [wall_ms(fn) for _ in range(repeats)]
     return {"first_ms": first, "median_ms": float(np.median(times)), "all_ms": times}
+
+
+def timed_abba(first, second, repeats: int) -> tuple[dict, dict]:
+    """`timed` for two callables in alternating blocks, first-second-second-first, each block half of `repeats`
+    (rounded up): a machine whose speed drifts during the measurement (this VM's moves by +-15 % over minutes)
+    then biases neither side, where two consecutive blocks would hand the drift to one of them."""
+    warm = {fn: wall_ms(fn) for fn in (first, second)}
+    times = {first: [], second: []}
+    block = -(-repeats // 2)
+    for fn in (first, second, second, first):
+        times[fn] += [wall_ms(fn) for _ in range(block)]
+    return tuple({"first_ms": warm[fn], "median_ms": float(np.median(times[fn])), "all_ms": times[fn]}
+                 for fn in (first, second))
 
 
 class PeakRSS:
@@ -290,12 +305,7 @@ def bench_workload(work: Workload, repeats: int) -> dict:
     jax_forward = jax.jit(forward)
     jax_grad = jax.jit(jax.value_and_grad(loss))
     row = {"workload": work.describe(), "load_before": load()}
-    row["jax_fwd"] = timed(lambda: jax_forward(params, *args).block_until_ready(), repeats)
     jax_target = jnp.asarray(data["target"])
-    row["jax_fwd_bwd"] = timed(lambda: jax.block_until_ready(jax_grad(params, *args, jax_target)), repeats)
-    jax_out = np.asarray(jax_forward(params, *args))
-    row["loss_jax"] = float(jax_grad(params, *args, jax_target)[0])
-
     torch_args, target = as_torch(data, "x", "ctx", "t", "g"), torch.from_numpy(data["target"])
 
     def torch_fwd():
@@ -308,9 +318,13 @@ def bench_workload(work: Workload, repeats: int) -> dict:
         value.backward()
         return value
 
-    row["torch_fwd"] = timed(torch_fwd, repeats)
-    row["torch_fwd_bwd"] = timed(torch_fwd_bwd, repeats)
+    row["jax_fwd"], row["torch_fwd"] = timed_abba(lambda: jax_forward(params, *args).block_until_ready(),
+                                                  torch_fwd, repeats)
+    row["jax_fwd_bwd"], row["torch_fwd_bwd"] = timed_abba(
+        lambda: jax.block_until_ready(jax_grad(params, *args, jax_target)), torch_fwd_bwd, repeats)
     row["load_after"] = load()
+    jax_out = np.asarray(jax_forward(params, *args))
+    row["loss_jax"] = float(jax_grad(params, *args, jax_target)[0])
     row["max_abs_diff_out"] = max_abs_diff(jax_out, torch_fwd().numpy())
     row["loss_torch"] = torch_fwd_bwd().item()
     return row
