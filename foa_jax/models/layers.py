@@ -223,7 +223,7 @@ def _conv_given_input_grad_kernel(x, kernel, grad_kernel, pads):
     """A stride-1 convolution whose input gradient is a convolution with `grad_kernel` (see
     `with_input_grad_kernels`). The output depends on `kernel` alone: `grad_kernel` must equal
     `input_grad_kernel(kernel)` and gets a zero cotangent; `kernel` gets its true gradient, computed only if used."""
-    return _conv(x, kernel, 1, pads)
+    return _conv_given_fwd(x, kernel, grad_kernel, pads)[0]
 
 
 def _conv_given_fwd(x, kernel, grad_kernel, pads):
