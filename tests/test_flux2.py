@@ -177,10 +177,11 @@ ATTN_PLANS = {"chunks and head groups, recomputed": (TINY_BUDGET, 0), "one padde
               "one chunk, probabilities saved": (None, None)}
 
 
-def _attn_inputs(dtype, seed=0):
+def _attn_inputs(dtype, seed=0, head_dim=ATTN_SHAPE[3]):
     rng = np.random.default_rng(seed)
-    q, k, v = (2.0 * rng.standard_normal(ATTN_SHAPE) for _ in range(3))  # x2: peaked softmax rows
-    weights = rng.standard_normal((*ATTN_SHAPE[:2], ATTN_SHAPE[2] * ATTN_SHAPE[3]))
+    shape = (*ATTN_SHAPE[:3], head_dim)
+    q, k, v = (2.0 * rng.standard_normal(shape) for _ in range(3))  # x2: peaked softmax rows
+    weights = rng.standard_normal((*shape[:2], shape[2] * shape[3]))
     return [a.astype(dtype) for a in (q, k, v)], weights.astype(dtype)
 
 
@@ -257,13 +258,15 @@ def test_attention_plan_chunks_and_head_groups():
 
 @pytest.mark.parametrize("precision,tol", [("float64", 1e-12), ("float32", 2e-5)])
 @pytest.mark.parametrize("plan", ATTN_PLANS)
-def test_chunked_attention_and_gradients_match_direct_softmax(precision, tol, plan):
+@pytest.mark.parametrize("head_dim", [ATTN_SHAPE[3], flux2.TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM])
+def test_chunked_attention_and_gradients_match_direct_softmax(precision, tol, plan, head_dim):
+    """Both layouts of the backward's dK and dV (`flux2._key_side_grad`: narrow heads direct, wide ones transposed)."""
     with jax.enable_x64(precision == "float64"):
-        (q, k, v), weights = _attn_inputs(np.dtype(precision))
+        (q, k, v), weights = _attn_inputs(np.dtype(precision), head_dim=head_dim)
         out, grads = _jax_attention_and_grads(q, k, v, weights, ATTN_PLANS[plan])
     expected, expected_grads = _torch_attention_and_grads(q, k, v, weights)
     scale = np.max(np.abs(expected))
-    print(f"{precision} {plan}: max abs diff out {np.max(np.abs(out - expected)):.2e}")
+    print(f"{precision} {plan} Dh={head_dim}: max abs diff out {np.max(np.abs(out - expected)):.2e}")
     assert np.max(np.abs(out - expected)) <= tol * scale
     for name, got, want in zip("qkv", grads, expected_grads):
         print(f"  d{name} max abs diff {np.max(np.abs(got - want)):.2e} (max |d{name}| {np.max(np.abs(want)):.2e})")

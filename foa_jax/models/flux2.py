@@ -361,6 +361,27 @@ def _fusion_boundary(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
+# Heads at least this wide get their dK and dV accumulated transposed (see `_key_side_grad`).
+TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM = 64
+
+
+def _key_side_grad(x: jax.Array, mat: jax.Array, dtype) -> jax.Array:
+    """matᵀ·x for a chunk's (B·H, c, S) matrix (P or dS) and its (B·H, c, Dh) rows (dO or Q), in the layout the
+    backward accumulates dK and dV in: (B·H, Dh, S) = xᵀ·mat if Dh >= `TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM`, else
+    (B·H, S, Dh).
+
+    Transposed, with x transposed in memory, the product is a row-major batched GEMM for YNNPACK; contracting the
+    leading axis of both operands instead sends it to XLA:CPU's Eigen path, which runs asynchronously beside the
+    YNNPACK products. Wide heads gain from the first (attention alone at 2112 tokens x 4 heads of 128,
+    forward+backward: 207 -> 170 ms; the small config at 2112 tokens, interleaved A/B: p25 3230 -> 3059 ms; at 576
+    tokens: 601 -> 561 ms), the tiny preset's 32-wide heads from the second (forward+backward, interleaved A/B in one
+    process: p25 450 -> 432 and 448 -> 427 ms; on a slower day 820 -> 814 and 806 -> 789 ms).
+    """
+    if x.shape[-1] >= TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM:
+        return jnp.einsum("zdq,zqk->zdk", _materialised_t(x), mat, preferred_element_type=dtype)
+    return jnp.einsum("zqk,zqd->zkd", mat, x, preferred_element_type=dtype)
+
+
 def _chunked_attention_bwd(save, residuals, d_out):
     """Flash-attention backward: per chunk P = exp(s − lse), dV += Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)),
     dQ = dS·K, dK += dSᵀ·Q; dK and dV accumulate in the softmax dtype across a `lax.scan` over chunks.
@@ -368,10 +389,7 @@ def _chunked_attention_bwd(save, residuals, d_out):
     With saved probabilities P = W / T (unnormalised W, row sums T), the same formulas hold with W for P and dO / T
     for dO, so the S x S matrix is never divided.
 
-    dK and dV are accumulated transposed, (B·H, Dh, S) = dOᵀ·P and Qᵀ·dS with the small (c, Dh) operand transposed
-    in memory, so that every product is a row-major batched GEMM; XLA:CPU runs a product that contracts the leading
-    axis of both operands through a generic loop instead of its GEMM library (attention alone at 2112 tokens,
-    forward+backward: 207 -> 170 ms; the tiny preset's step: 470 -> 450 ms).
+    How dK and dV are formed depends on the head width, see `_key_side_grad`.
     """
     q_chunks, k, v, out, stats = residuals
     softmax_dtype = jnp.promote_types(q_chunks.dtype, jnp.float32)
@@ -390,18 +408,21 @@ def _chunked_attention_bwd(save, residuals, d_out):
             row_dot = row_dot / total
         else:
             probs = jnp.exp(_chunk_scores(q, k, softmax_dtype) - chunk_stats[..., None])
-        dv = dv + jnp.einsum("zdq,zqk->zdk", _materialised_t(do), probs.astype(do.dtype),
-                             preferred_element_type=softmax_dtype)
+        dv = dv + _key_side_grad(do, probs.astype(do.dtype), softmax_dtype)
         d_probs = jnp.einsum("zqd,zkd->zqk", do, v, preferred_element_type=softmax_dtype)
         d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
         dq = jnp.einsum("zqk,zkd->zqd", d_scores, k, preferred_element_type=softmax_dtype)
-        dk = dk + jnp.einsum("zdq,zqk->zdk", _materialised_t(q), d_scores, preferred_element_type=softmax_dtype)
+        dk = dk + _key_side_grad(q, d_scores, softmax_dtype)
         return (dk, dv), dq.astype(q.dtype)
 
-    transposed = (k.shape[0], k.shape[2], k.shape[1])
-    zeros = (jnp.zeros(transposed, softmax_dtype), jnp.zeros(transposed, softmax_dtype))
+    z, length, head_dim = k.shape
+    transposed = head_dim >= TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM
+    shape = (z, head_dim, length) if transposed else (z, length, head_dim)
+    zeros = (jnp.zeros(shape, softmax_dtype), jnp.zeros(shape, softmax_dtype))
     (dk, dv), dq = jax.lax.scan(step, zeros, (q_chunks, d_out, row_dots, stats))
-    return dq, jnp.swapaxes(dk, 1, 2).astype(k.dtype), jnp.swapaxes(dv, 1, 2).astype(v.dtype)
+    if transposed:
+        dk, dv = jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
