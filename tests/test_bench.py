@@ -1,0 +1,71 @@
+"""The benchmark's statistics: the JAX/torch ratio's bootstrap interval against SciPy's, the verdict, the table."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import bench
+
+
+def lognormal_times(median_ms: float, spread: float, calls: int, seed: int) -> np.ndarray:
+    return median_ms * np.exp(spread * np.random.default_rng(seed).standard_normal(calls))
+
+
+@pytest.mark.parametrize("calls", [(9, 9), (31, 17)])
+@pytest.mark.parametrize("level", [0.9, 0.95])
+def test_ratio_interval_matches_scipy_bootstrap(calls, level):
+    jax_ms = lognormal_times(450.0, 0.08, calls[0], seed=1)
+    torch_ms = lognormal_times(430.0, 0.05, calls[1], seed=2)
+    ours = bench.ratio_interval(jax_ms, torch_ms, level=level, resamples=20_000)
+    reference = stats.bootstrap((jax_ms, torch_ms), lambda a, b, axis: np.median(a, axis) / np.median(b, axis),
+                                paired=False, confidence_level=level, n_resamples=20_000, method="percentile",
+                                vectorized=True, rng=np.random.default_rng(7)).confidence_interval
+    assert ours["ratio"] == pytest.approx(np.median(jax_ms) / np.median(torch_ms), rel=1e-12)
+    assert ours["low"] == pytest.approx(reference.low, rel=0.01)
+    assert ours["high"] == pytest.approx(reference.high, rel=0.01)
+    assert ours["low"] < ours["ratio"] < ours["high"]
+    assert ours["calls"] == list(calls)
+
+
+def test_interval_narrows_with_calls_and_is_seeded():
+    few = bench.ratio_interval(lognormal_times(1, 0.1, 6, 3), lognormal_times(1, 0.1, 6, 4))
+    many = bench.ratio_interval(lognormal_times(1, 0.1, 60, 3), lognormal_times(1, 0.1, 60, 4))
+    assert many["high"] - many["low"] < few["high"] - few["low"]
+    assert bench.ratio_interval([5, 6, 7, 8, 9], [6, 7, 8, 9, 9]) == bench.ratio_interval([5, 6, 7, 8, 9],
+                                                                                         [6, 7, 8, 9, 9])
+
+
+@pytest.mark.parametrize("jax_median, expected", [(300.0, "met"), (430.0, "undecided"), (600.0, "missed")])
+def test_verdict(jax_median, expected):
+    interval = bench.ratio_interval(lognormal_times(jax_median, 0.05, 12, 5), lognormal_times(430.0, 0.05, 12, 6))
+    assert bench.verdict(interval) == expected
+
+
+def test_too_few_calls_give_no_interval():
+    interval = bench.ratio_interval([10.0, 11.0, 12.0, 13.0], [10.0, 10.0, 10.0, 10.0, 10.0])
+    assert interval["ratio"] == pytest.approx(1.15)
+    assert interval["low"] is None and interval["high"] is None
+    assert bench.verdict(interval).startswith("undecided (< 5 calls)")
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, np.nan, 2.0], [1.0, 0.0, 2.0], [[1.0, 2.0]]])
+def test_bad_times_raise(bad):
+    with pytest.raises(ValueError, match="jax_ms: expected a non-empty 1-D list of positive, finite times"):
+        bench.ratio_interval(bad, [1.0] * 5)
+
+
+def test_table_prints_interval_and_verdict():
+    def timing(median_ms, seed):
+        times = lognormal_times(median_ms, 0.03, 8, seed)
+        return {"median_ms": float(np.median(times)), "all_ms": times.tolist()}
+
+    results = {"transformer": {"tiny": {"jax_fwd": timing(100, 1), "torch_fwd": timing(200, 2),
+                                        "jax_fwd_bwd": timing(400, 3), "torch_fwd_bwd": timing(200, 4),
+                                        "max_abs_diff_out": 2e-5, "loss_jax": 1.0, "loss_torch": 1.0}}}
+    lines = bench.table(results)
+    forward, backward = lines[1], lines[2]
+    assert forward.startswith("transformer tiny forward ") and " met " in forward and "max|Δout| 2.0e-05" in forward
+    assert backward.startswith("transformer tiny forward+backward") and " missed " in backward
+    rows = bench.comparisons(results)
+    assert [r["verdict"] for r in rows] == ["met", "missed"]
+    assert f"[{rows[0]['interval']['low']:.2f}, {rows[0]['interval']['high']:.2f}]" in forward
