@@ -1,7 +1,7 @@
 """foa-jax against PyTorch eager (diffusers 0.42.1 + peft) on this CPU: same weights, same inputs, float32.
 
     python -m experiments.bench [--only transformer,lora_step,sampler,dpo_step,flux2_dev] [--repeats 5]
-                                [--out runs/bench]
+                                [--processes 2] [--out runs/bench]
 
 Sections:
 - `transformer`: forward and forward+backward (gradient of an MSE loss w.r.t. every weight) of the `tiny` preset
@@ -9,8 +9,8 @@ Sections:
   1024 target + 1024 reference + 64 text tokens); compile time of the small config's forward+backward at depth 2 and
   16 (scanned stacks keep it flat).
 - `lora_step`: one Flux2SR LoRA train step on the small config (rank 16, `attn+add`): flow matching + Charbonnier +
-  LPIPS-VGG through the tiny VAE decoder at 256 px, clipped AdamW; each framework in its own process so its peak
-  memory is its own.
+  LPIPS-VGG through the tiny VAE decoder at 256 px, clipped AdamW; each framework in fresh processes of its own
+  (`--processes` per framework) so its peak memory is its own.
 - `sampler`: candidates per second of the 16-step Euler sampler with one reference image (`foa_jax.sr`) against
   `Flux2Pipeline.__call__` (prompt embedding and noise given, reference photo encoded by the pipeline itself).
 - `dpo_step`: one Diffusion-DPO step (`foa_jax.dpo.dpo_loss`: policy LoRA on winner and loser with shared t and noise,
@@ -20,15 +20,16 @@ Sections:
 Each framework is timed in its own blocks after a warm-up call (JAX's includes compilation, reported separately):
 median of `--repeats` calls; torch forwards run under `torch.no_grad`. The transformer section alternates the
 frameworks' blocks (JAX, torch, torch, JAX; `timed_abba`) so that a drift in the machine's speed during the section
-biases neither; the step sections run each framework in its own process. Weights and inputs are resident in both
-frameworks before timing (torch tensors; JAX device arrays, as the trainers hold them): a compiled JAX step handed
-numpy arrays copies them on every call (the LoRA step's 125 MB of small-config weights: 16-52 ms per step). Every
-comparison also prints how far apart the two frameworks' results are, so a ratio is never between two different
-computations. Other jobs sharing the 2 cores distort the ratios (torch far more than JAX, see `others_cpu`): before
-each section the CPU use of other jobs is measured and recorded with the load average, and `--wait-idle SECONDS`
-waits for them to leave. Each JAX/torch ratio comes with a 95 % bootstrap interval over the timed calls
-(`ratio_interval`) and a verdict on the target JAX <= 1.0x torch: met (the whole interval at or below 1.0), missed
-(all above) or undecided. Results: a table on stdout, JSON in `<out>/bench.json`.
+biases neither; the step sections run each framework in `--processes` fresh processes, in the same alternating order,
+and their intervals resample the processes as well as the calls (a JAX process's speed is partly the process's own).
+Weights and inputs are resident in both frameworks before timing (torch tensors; JAX device arrays, as the trainers
+hold them): a compiled JAX step handed numpy arrays copies them on every call (the LoRA step's 125 MB of small-config
+weights: 16-52 ms per step). Every comparison also prints how far apart the two frameworks' results are, so a ratio
+is never between two different computations. Other jobs sharing the 2 cores distort the ratios (torch far more than
+JAX, see `others_cpu`): before each section the CPU use of other jobs is measured and recorded with the load average,
+and `--wait-idle SECONDS` waits for them to leave. Each JAX/torch ratio comes with a 95 % bootstrap interval over the
+timed calls (`ratio_interval`) and a verdict on the target JAX <= 1.0x torch: met (the whole interval at or below
+1.0), missed (all above) or undecided. Results: a table on stdout, JSON in `<out>/bench.json`.
 """
 
 from __future__ import annotations
@@ -127,27 +128,49 @@ TARGET_RATIO = 1.0  # issues #2 and #3: JAX <= 1.0x torch eager
 def ratio_interval(jax_ms, torch_ms, level: float = 0.95, resamples: int = 10_000, seed: int = SEED) -> dict:
     """JAX/torch ratio of median call times with a percentile-bootstrap interval at `level`.
 
-    Each framework's calls are resampled independently (they are separate calls, not pairs), and the ratio of the
-    resampled medians gives the interval. A single ratio of medians moved by +-15 % between runs on this VM, so a
-    ratio just under or over 1.0 decides nothing; the interval says how far call-to-call noise alone could move it.
-    It does not cover what differs between processes (JAX's two-core speed depends on the process, see the README),
-    so one run's interval is narrower than the run-to-run spread: compare runs as well. `low`/`high` are None when
-    either side has fewer than `MIN_CALLS_FOR_INTERVAL` calls (a median of fewer has too few values to resample).
+    Times are one process's calls (1-D) or several processes' calls, one row each (2-D, the step sections' worker
+    processes). The bootstrap resamples each framework independently (they are separate calls, not pairs) and in two
+    stages: the processes, with replacement, then the calls of each chosen process; the ratio of the resampled
+    medians gives the interval. With one process the first stage does nothing and this is the plain bootstrap over
+    calls. A single ratio of medians moved by +-15 % between runs on this VM, so a ratio just under or over 1.0
+    decides nothing; the interval says how far that noise could move it. Call-to-call noise alone understates it: JAX's
+    two-core speed depends on the process (see the README), which only the first stage sees, and with 2 processes
+    per framework it sees it only coarsely, so compare runs as well. `low`/`high` are None when either side has fewer
+    than `MIN_CALLS_FOR_INTERVAL` calls (a median of fewer has too few values to resample).
     """
-    jax_ms, torch_ms = (np.asarray(x, np.float64) for x in (jax_ms, torch_ms))
-    for name, x in (("jax_ms", jax_ms), ("torch_ms", torch_ms)):
-        if x.ndim != 1 or x.size == 0 or not np.all(np.isfinite(x)) or np.any(x <= 0):
-            raise ValueError(f"{name}: expected a non-empty 1-D list of positive, finite times, got {x.tolist()}")
+    jax_ms, torch_ms = (_process_times(name, x) for name, x in (("jax_ms", jax_ms), ("torch_ms", torch_ms)))
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     out = {"ratio": float(np.median(jax_ms) / np.median(torch_ms)), "level": level, "low": None, "high": None,
-           "calls": [int(jax_ms.size), int(torch_ms.size)]}
+           "calls": [int(jax_ms.size), int(torch_ms.size)], "processes": [len(jax_ms), len(torch_ms)]}
     if min(jax_ms.size, torch_ms.size) < MIN_CALLS_FOR_INTERVAL:
         return out
     rng = np.random.default_rng(seed)
-    medians = [np.median(rng.choice(x, size=(resamples, x.size)), axis=1) for x in (jax_ms, torch_ms)]
+    medians = [_resampled_medians(x, resamples, rng) for x in (jax_ms, torch_ms)]
     low, high = np.quantile(medians[0] / medians[1], [(1 - level) / 2, (1 + level) / 2])
     return {**out, "low": float(low), "high": float(high)}
+
+
+def _process_times(name: str, times) -> np.ndarray:
+    """Times as (processes, calls) float64, checked: every process the same number of positive, finite calls."""
+    try:
+        x = np.asarray(times, np.float64)
+    except ValueError:  # ragged rows
+        x = np.asarray([], np.float64)
+    x = x[None] if x.ndim == 1 else x
+    if x.ndim != 2 or x.size == 0 or not np.all(np.isfinite(x)) or np.any(x <= 0):
+        raise ValueError(f"{name}: expected a non-empty list of positive, finite times, or one such list per process "
+                         f"with equally many calls, got {np.asarray(times, dtype=object).tolist()}")
+    return x
+
+
+def _resampled_medians(times: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Medians of `resamples` two-stage bootstrap samples of (processes, calls) times: processes with replacement,
+    then each chosen process's calls with replacement."""
+    processes, calls = times.shape
+    chosen = rng.integers(processes, size=(resamples, processes, 1))
+    picks = rng.integers(calls, size=(resamples, processes, calls))
+    return np.median(times[chosen, picks].reshape(resamples, -1), axis=1)
 
 
 def verdict(interval: dict, target: float = TARGET_RATIO) -> str:
@@ -631,15 +654,37 @@ def in_subprocess(section: str, framework: str, repeats: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def bench_steps(section: str, repeats: int) -> dict:
-    """Both frameworks' step (JAX first), each in its own process, on the 256-px SR workload."""
+def process_order(processes: int) -> list[str]:
+    """Frameworks in the order their worker processes run: JAX, torch, torch, JAX, ... (a drift in the machine's
+    speed over the section then biases neither)."""
+    return [fw for i in range(processes) for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax"))]
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One framework's worker results as one: the first process's fields (loss, gradient norm, compile time), the
+    calls of every process (`process_ms`, one row each; `all_ms` flat) and their median, and the largest memory
+    figures with each process's RSS increase."""
+    process_ms = [run["all_ms"] for run in runs]
+    calls = [t for times in process_ms for t in times]
+    out = {**runs[0], "process_ms": process_ms, "all_ms": calls, "median_ms": float(np.median(calls)),
+           "rss_increase_per_process_mib": [run["rss_increase_mib"] for run in runs]}
+    for key in ("rss_peak_first_call_mib", "rss_peak_steps_mib", "rss_increase_mib"):
+        out[key] = max(run[key] for run in runs)
+    return out
+
+
+def bench_steps(section: str, repeats: int, processes: int) -> dict:
+    """Both frameworks' step, each in `processes` fresh processes of `repeats` timed calls (`process_order`), on the
+    256-px SR workload."""
     size = SR_WORK.grid[0] * TINY_VAE.token_factor
     row = {"load_before": load(), "workload": SR_WORK.describe(), "pixels": size if section == "lora_step" else None}
     print(f"[{section}] {SR_WORK.describe()}" + (f"; decoder + LPIPS-VGG at {size} px" if row["pixels"] else ""),
           flush=True)
-    for framework in ("jax", "torch"):
-        print(f"[{section}] {framework} ...", flush=True)
-        row[framework] = in_subprocess(section, framework, repeats)
+    runs = {"jax": [], "torch": []}
+    for i, framework in enumerate(process_order(processes)):
+        print(f"[{section}] {framework} (process {len(runs[framework]) + 1} of {processes}) ...", flush=True)
+        runs[framework].append(in_subprocess(section, framework, repeats))
+    row.update({framework: pooled(results) for framework, results in runs.items()})
     row["load_after"] = load()
     return row
 
@@ -740,7 +785,7 @@ def comparisons(results: dict) -> list[dict]:
     rows = []
 
     def add(name, jax_timing, torch_timing, agreement):
-        interval = ratio_interval(jax_timing["all_ms"], torch_timing["all_ms"])
+        interval = ratio_interval(*(t.get("process_ms", t["all_ms"]) for t in (jax_timing, torch_timing)))
         rows.append({"name": name, "jax_ms": jax_timing["median_ms"], "torch_ms": torch_timing["median_ms"],
                      "interval": interval, "verdict": verdict(interval), "agreement": agreement})
 
@@ -754,7 +799,8 @@ def comparisons(results: dict) -> list[dict]:
     for section in ("lora_step", "dpo_step"):
         if section in results:
             row = results[section]
-            add(section, row["jax"], row["torch"],
+            processes = len(row["jax"].get("process_ms", [None]))
+            add(section + (f" ({processes} proc.)" if processes > 1 else ""), row["jax"], row["torch"],
                 f"loss {row['jax']['loss']:.6f} vs {row['torch']['loss']:.6f}, grad norm "
                 f"{row['jax']['grad_norm']:.4g} vs {row['torch']['grad_norm']:.4g}")
     if "sampler" in results:
@@ -802,14 +848,14 @@ def table(results: dict) -> list[str]:
     return lines
 
 
-def run_section(name: str, repeats: int) -> dict:
+def run_section(name: str, repeats: int, processes: int) -> dict:
     if name == "transformer":
         return bench_transformer(repeats)
     if name == "sampler":
         return bench_sampler(repeats)
     if name == "flux2_dev":
         return bench_flux2_dev()
-    return bench_steps(name, repeats)
+    return bench_steps(name, repeats, processes)
 
 
 def parse_args(argv=None):
@@ -819,6 +865,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5,
                    help=f"timed calls per measurement (median), after a warm-up; a ratio's interval needs "
                         f"{MIN_CALLS_FOR_INTERVAL} calls per framework")
+    p.add_argument("--processes", type=int, default=2,
+                   help="worker processes per framework for the step sections (alternating JAX, torch, torch, JAX, "
+                        "...); the interval resamples them too")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each section, wait up to this long for other jobs to leave the CPU")
@@ -830,6 +879,8 @@ def parse_args(argv=None):
         p.error(f"--only: unknown sections {unknown}; known: {list(SECTIONS)}")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.processes < 1:
+        p.error(f"--processes must be >= 1, got {args.processes}")
     return args
 
 
@@ -842,12 +893,12 @@ def main(argv=None) -> dict:
         return result
     results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                           "repeats": args.repeats, "load_at_start": load()}}
+                           "repeats": args.repeats, "processes": args.processes, "load_at_start": load()}}
     start = time.perf_counter()
     for name in args.only:
         busy = wait_for_idle(args.wait_idle)
         stolen, began = steal_seconds(), time.perf_counter()
-        results[name] = run_section(name, args.repeats)
+        results[name] = run_section(name, args.repeats, args.processes)
         results[name]["others_cpu_cores_before"] = busy
         results[name]["steal_cores"] = (steal_seconds() - stolen) / (time.perf_counter() - began)
         if busy >= 0.3:

@@ -48,10 +48,71 @@ def test_too_few_calls_give_no_interval():
     assert bench.verdict(interval).startswith("undecided (< 5 calls)")
 
 
-@pytest.mark.parametrize("bad", [[], [1.0, np.nan, 2.0], [1.0, 0.0, 2.0], [[1.0, 2.0]]])
+def two_stage_reference(jax_ms, torch_ms, level, resamples, seed):
+    """The two-stage bootstrap written out one resample at a time: processes with replacement, then calls."""
+    rng = np.random.default_rng(seed)
+
+    def median(processes):
+        chosen = [processes[i] for i in rng.integers(len(processes), size=len(processes))]
+        return np.median(np.concatenate([rng.choice(calls, size=len(calls)) for calls in chosen]))
+
+    ratios = [median(jax_ms) / median(torch_ms) for _ in range(resamples)]
+    return np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+
+
+def process_times(medians, spread, calls, seed):
+    return np.stack([lognormal_times(m, spread, calls, seed + i) for i, m in enumerate(medians)])
+
+
+@pytest.mark.parametrize("jax_medians", [(400.0, 480.0), (430.0, 445.0, 470.0)])
+def test_two_stage_interval_matches_a_direct_loop(jax_medians):
+    jax_ms = process_times(jax_medians, 0.02, 9, seed=10)
+    torch_ms = process_times((440.0, 450.0), 0.02, 9, seed=20)
+    ours = bench.ratio_interval(jax_ms, torch_ms, resamples=20_000)
+    low, high = two_stage_reference(list(jax_ms), list(torch_ms), 0.95, 20_000, seed=3)
+    assert ours["low"] == pytest.approx(low, rel=0.01) and ours["high"] == pytest.approx(high, rel=0.01)
+    assert ours["ratio"] == pytest.approx(np.median(jax_ms) / np.median(torch_ms), rel=1e-12)
+    assert ours["processes"] == [len(jax_medians), 2] and ours["calls"] == [9 * len(jax_medians), 18]
+
+
+def test_process_differences_widen_the_interval():
+    """Two JAX processes 20 % apart, each with tight calls: one process's calls claim a narrow interval that misses
+    the other process's ratio; both processes, resampled in two stages, cover both, a little beyond what their pooled
+    calls resampled as one process give."""
+    jax_ms = process_times((400.0, 480.0), 0.01, 12, seed=30)
+    torch_ms = process_times((440.0, 440.0), 0.01, 12, seed=40)
+    alone = bench.ratio_interval(jax_ms[0], torch_ms[0])
+    assert alone["high"] < 0.95 and bench.verdict(alone) == "met"
+    flat = bench.ratio_interval(jax_ms.ravel(), torch_ms.ravel())
+    two_stage = bench.ratio_interval(jax_ms, torch_ms)
+    assert two_stage["low"] < 400 / 440 * 1.01 and two_stage["high"] > 480 / 440 * 0.99
+    assert two_stage["low"] <= flat["low"] and two_stage["high"] >= flat["high"]
+    assert bench.verdict(two_stage) == "undecided"
+    one = lognormal_times(450.0, 0.05, 9, seed=50)
+    assert bench.ratio_interval(one[None], one[::-1][None]) == bench.ratio_interval(one, one[::-1])
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, np.nan, 2.0], [1.0, 0.0, 2.0], [[1.0, 2.0], [1.0]], [[[1.0, 2.0]]]])
 def test_bad_times_raise(bad):
-    with pytest.raises(ValueError, match="jax_ms: expected a non-empty 1-D list of positive, finite times"):
+    with pytest.raises(ValueError, match="jax_ms: expected a non-empty list of positive, finite times, or one such"):
         bench.ratio_interval(bad, [1.0] * 5)
+
+
+def test_worker_processes_alternate_and_pool():
+    assert bench.process_order(1) == ["jax", "torch"]
+    assert bench.process_order(3) == ["jax", "torch", "torch", "jax", "jax", "torch"]
+    runs = [{"all_ms": [3.0, 1.0, 2.0], "loss": 0.5, "rss_increase_mib": 600.0, "rss_peak_steps_mib": 2600.0,
+             "rss_peak_first_call_mib": 2500.0},
+            {"all_ms": [6.0, 5.0, 4.0], "loss": 0.5, "rss_increase_mib": 1200.0, "rss_peak_steps_mib": 3100.0,
+             "rss_peak_first_call_mib": 2400.0}]
+    merged = bench.pooled(runs)
+    assert merged["process_ms"] == [[3.0, 1.0, 2.0], [6.0, 5.0, 4.0]] and merged["median_ms"] == 3.5
+    assert merged["rss_increase_mib"] == 1200.0 and merged["rss_increase_per_process_mib"] == [600.0, 1200.0]
+    assert merged["rss_peak_first_call_mib"] == 2500.0 and merged["loss"] == 0.5
+    timing = {"median_ms": 1.0, "all_ms": [1.0] * 6}
+    rows = bench.comparisons({"lora_step": {"jax": {**merged, "grad_norm": 0.1}, "torch": {**timing, "loss": 0.5,
+                                                                                          "grad_norm": 0.1}}})
+    assert rows[0]["interval"]["processes"] == [2, 1]
 
 
 def test_table_prints_interval_and_verdict():
