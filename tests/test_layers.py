@@ -170,3 +170,50 @@ def test_strided_convolution_ignores_the_input_grad_kernel():
     plain = {"kernel": module["kernel"]}
     grad = jax.grad(lambda x, m: jnp.sum(layers.conv2d(m, x, stride=2, padding=((0, 1), (0, 1))) ** 2))
     np.testing.assert_array_equal(np.asarray(grad(x, module)), np.asarray(grad(x, plain)))
+
+
+@pytest.mark.parametrize("in_sizes, out_sizes", [([12], [12]), ([12], [4, 4, 4, 6, 6]), ([5, 7], [9]),
+                                                 ([3, 4, 5], [2, 10])])
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5), ("bfloat16", 3e-2)])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_linear_pieces_is_concat_linear_split(in_sizes, out_sizes, dtype, tol, with_lora):
+    """Each output piece equals NumPy's (concatenated inputs) @ kernel (+ bias + s·(x@A)@B), split; the gradients
+    w.r.t. inputs, kernel and LoRA equal those of the concatenate-matmul-split form."""
+    with jax.enable_x64(dtype == "float64"):
+        rng = np.random.default_rng(len(in_sizes) * 10 + len(out_sizes))
+        n_in, n_out, rank, scale = sum(in_sizes), sum(out_sizes), 3, 0.7
+        p = {"kernel": jnp.asarray(rng.standard_normal((n_in, n_out)), dtype),
+             "bias": jnp.asarray(rng.standard_normal(n_out), dtype)}
+        lora = ({"lora_A": {"kernel": jnp.asarray(rng.standard_normal((n_in, rank)), dtype)},
+                 "lora_B": {"kernel": jnp.asarray(rng.standard_normal((rank, n_out)), dtype)}} if with_lora else None)
+        xs = [jnp.asarray(rng.standard_normal((2, 5, size)), dtype) for size in in_sizes]
+
+        x64 = np.concatenate([np.asarray(x, np.float64) for x in xs], axis=-1)
+        want = x64 @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+        if with_lora:
+            want += scale * (x64 @ np.asarray(lora["lora_A"]["kernel"], np.float64)) @ np.asarray(
+                lora["lora_B"]["kernel"], np.float64)
+        got = layers.linear_pieces(p, xs, out_sizes, lora, scale)
+        assert [g.shape for g in got] == [(2, 5, size) for size in out_sizes] and all(g.dtype == dtype for g in got)
+        norm = np.max(np.abs(want))
+        np.testing.assert_allclose(np.concatenate([np.asarray(g, np.float64) for g in got], -1) / norm, want / norm,
+                                   atol=tol)
+
+        def pieces(p, lora, *xs):
+            return layers.linear_pieces(p, list(xs), out_sizes, lora, scale)
+
+        def concatenated(p, lora, *xs):
+            y = layers.linear(p, jnp.concatenate(xs, axis=-1), lora, scale)
+            return jnp.split(y, np.cumsum(out_sizes)[:-1], axis=-1)
+
+        assert_vjp_matches(lambda *a: jnp.concatenate(pieces(*a), -1), lambda *a: jnp.concatenate(concatenated(*a), -1),
+                           (p, lora, *xs), jnp.asarray(rng.standard_normal((2, 5, n_out)), dtype), tol)
+
+
+def test_linear_pieces_must_tile_the_kernel():
+    p = {"kernel": jnp.zeros((6, 8))}
+    with pytest.raises(ValueError, match=r"inputs of \[2, 3\] features and outputs of \[8\] do not tile the kernel "
+                                         r"\(6, 8\)"):
+        layers.linear_pieces(p, [jnp.zeros((1, 2)), jnp.zeros((1, 3))], [8])
+    with pytest.raises(ValueError, match=r"outputs of \[4, 3\]"):
+        layers.linear_pieces(p, [jnp.zeros((1, 6))], [4, 3])

@@ -515,34 +515,35 @@ def _gated(x: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _swiglu(h: jax.Array) -> jax.Array:
-    """SwiGLU of the two halves of `h`: silu(gate) · up.
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """SwiGLU, silu(gate) · up, of the two halves of the MLP-in projection (separate products, see
+    `layers.linear_pieces`).
 
-    The backward pass recomputes the sigmoid from `h`, the only residual: autodiff kept five (tokens, mlp_hidden)
-    arrays (both halves, sigmoid, silu and a product), the largest activations of the block.
+    The backward pass recomputes the sigmoid from the two inputs, the only residuals: autodiff kept five (tokens,
+    mlp_hidden) arrays (both halves, sigmoid, silu and a product), the largest activations of the block.
     """
-    gate, up = jnp.split(h, 2, axis=-1)
     return jax.nn.silu(gate) * up
 
 
-def _swiglu_fwd(h):
-    return _swiglu(h), h
+def _swiglu_fwd(gate, up):
+    return _swiglu(gate, up), (gate, up)
 
 
-def _swiglu_bwd(h, dy):
+def _swiglu_bwd(residuals, dy):
     """d gate = dy · up · σ(g)(1 + g(1 − σ(g))), d up = dy · silu(g)."""
-    gate, up = jnp.split(h, 2, axis=-1)
+    gate, up = residuals
     sig = jax.nn.sigmoid(gate)
     silu = gate * sig
-    return (jnp.concatenate([dy * up * (sig + silu * (1 - sig)), dy * silu], axis=-1),)
+    return dy * up * (sig + silu * (1 - sig)), dy * silu
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _feed_forward(p, lora, s, x, name):
-    h = _proj(p, lora, s, x, name, "linear_in")
-    return _proj(p, lora, s, _swiglu(h), name, "linear_out")
+    f = p[name]["linear_out"]["kernel"].shape[0]
+    gate, up = layers.linear_pieces(p[name]["linear_in"], [x], [f, f], _sub(lora, name, "linear_in"), s)
+    return _proj(p, lora, s, _swiglu(gate, up), name, "linear_out")
 
 
 def _qk(p, lora, s, x, names, norms, hd, eps):
@@ -579,12 +580,15 @@ def single_block(p, lora, lora_scale, h, mod, rope, config: Flux2Config):
     """One `Flux2SingleTransformerBlock`: the parallel (ViT-22B) block with fused QKV+MLP-in and attn+MLP-out."""
     d, hd, eps, s = config.inner_dim, config.attention_head_dim, config.eps, lora_scale
     shift, scale, gate = mod
-    fused = _proj(p, lora, s, _modulate(h, shift, scale, eps), "attn", "to_qkv_mlp_proj")
-    q, k, v, mlp = jnp.split(fused, [d, 2 * d, 3 * d], axis=-1)
+    f = config.mlp_hidden_dim
+    q, k, v, mlp_gate, mlp_up = layers.linear_pieces(p["attn"]["to_qkv_mlp_proj"], [_modulate(h, shift, scale, eps)],
+                                                     [d, d, d, f, f], _sub(lora, "attn", "to_qkv_mlp_proj"), s)
     q = apply_rope(layers.rms_norm(p["attn"]["norm_q"], _heads(q, hd), eps), *rope)
     k = apply_rope(layers.rms_norm(p["attn"]["norm_k"], _heads(k, hd), eps), *rope)
     attn = attention(q, k, _heads(v, hd))
-    return _gated(h, gate, _proj(p, lora, s, jnp.concatenate([attn, _swiglu(mlp)], axis=-1), "attn", "to_out"))
+    out, = layers.linear_pieces(p["attn"]["to_out"], [attn, _swiglu(mlp_gate, mlp_up)], [d],
+                                _sub(lora, "attn", "to_out"), s)
+    return _gated(h, gate, out)
 
 
 def _remat(fn, policy: str):
