@@ -17,19 +17,20 @@ Sections:
   frozen reference) against the same loss written with diffusers + peft.
 - `flux2_dev`: the real preset on paper: parameter count and the compiled memory of a bf16 forward.
 
-Each framework is timed in its own blocks after a warm-up call (JAX's includes compilation, reported separately):
-median of `--repeats` calls; torch forwards run under `torch.no_grad`. The transformer section alternates the
-frameworks' blocks (JAX, torch, torch, JAX; `timed_abba`) so that a drift in the machine's speed during the section
-biases neither; the step sections run each framework in `--processes` fresh processes, in the same alternating order,
-and their intervals resample the processes as well as the calls (a JAX process's speed is partly the process's own).
-Weights and inputs are resident in both frameworks before timing (torch tensors; JAX device arrays, as the trainers
-hold them): a compiled JAX step handed numpy arrays copies them on every call (the LoRA step's 125 MB of small-config
-weights: 16-52 ms per step). Every comparison also prints how far apart the two frameworks' results are, so a ratio
-is never between two different computations. Other jobs sharing the 2 cores distort the ratios (torch far more than
-JAX, see `others_cpu`): before each section the CPU use of other jobs is measured and recorded with the load average,
-and `--wait-idle SECONDS` waits for them to leave. Each JAX/torch ratio comes with a 95 % bootstrap interval over the
-timed calls (`ratio_interval`) and a verdict on the target JAX <= 1.0x torch: met (the whole interval at or below
-1.0), missed (all above) or undecided. Results: a table on stdout, JSON in `<out>/bench.json`.
+The transformer and step sections time each framework alone, in `--processes` fresh worker processes per framework
+run in alternating order (JAX, torch, torch, JAX, ...: a drift in the machine's speed over a section then biases
+neither), each a warm-up call (JAX's includes compilation, reported separately) and the median of `--repeats` calls;
+torch forwards run under `torch.no_grad`; the sampler section times both frameworks in one process, JAX first.
+Separate processes also keep each framework's peak memory its own and keep one framework's freed blocks from
+fragmenting the other's heap (see `bench_workload`). Weights and inputs are resident in both frameworks before timing
+(torch tensors; JAX device arrays, as the trainers hold them): a compiled JAX step handed numpy arrays copies them on
+every call (the LoRA step's 125 MB of small-config weights: 16-52 ms per step). Every comparison also prints how far
+apart the two frameworks' results are, so a ratio is never between two different computations. Other jobs sharing the
+2 cores distort the ratios (torch far more than JAX, see `others_cpu`): before each section the CPU use of other jobs
+is measured and recorded with the load average, and `--wait-idle SECONDS` waits for them to leave. Each JAX/torch
+ratio comes with a 95 % bootstrap interval over the worker processes (if any) and their timed calls
+(`ratio_interval`) and a verdict on the target JAX <= 1.0x torch: met (the whole interval at or below 1.0), missed
+(all above) or undecided. Results: a table on stdout, JSON in `<out>/bench.json`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -113,12 +115,40 @@ def wall_ms(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+# A warm-up call that page-faults more than this many times grew the heap; warm up again, up to MAX_WARMUP_CALLS.
+SETTLED_FAULTS = 2000
+MAX_WARMUP_CALLS = 5
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def warm_up(fn, first=None) -> dict:
+    """Call `first` (default `fn`) once, then `fn` again while the last call page-faulted more than `SETTLED_FAULTS`
+    times, at most `MAX_WARMUP_CALLS` calls in all: {"first_ms", "warmup_ms": every call, "warmup_faults"}.
+
+    XLA:CPU's first calls after compiling grow the heap: the small config's forward+backward faulted 397 k, 317 k
+    and 303 k pages (1.2 GiB each) in its first three calls, 1 k in the fourth and none in the next fourteen, and its
+    second and third calls took 3.2 and 4.3 s against 2.6-2.7 s after. A training run pays that once; timing it
+    among the first `--repeats` calls measured the heap, not the step.
+    """
+    times, faults = [], []
+    for call in [first or fn] + [fn] * (MAX_WARMUP_CALLS - 1):
+        before = minor_faults()
+        times.append(wall_ms(call))
+        faults.append(minor_faults() - before)
+        if faults[-1] <= SETTLED_FAULTS:
+            break
+    return {"first_ms": times[0], "warmup_ms": times, "warmup_faults": faults}
+
+
 def timed(fn, repeats: int, warmup=None) -> dict:
-    """Milliseconds of a warm-up call (`warmup`, default `fn`) and the median of `repeats` calls of `fn`, which must
+    """`warm_up` (its first call `warmup`, default `fn`), then the median of `repeats` calls of `fn`, which must
     block until its result is ready."""
-    first = wall_ms(warmup or fn)
+    warm = warm_up(fn, warmup)
     times = [wall_ms(fn) for _ in range(repeats)]
-    return {"first_ms": first, "median_ms": float(np.median(times)), "all_ms": times}
+    return {**warm, "median_ms": float(np.median(times)), "all_ms": times}
 
 
 MIN_CALLS_FOR_INTERVAL = 5
@@ -182,19 +212,6 @@ def verdict(interval: dict, target: float = TARGET_RATIO) -> str:
     return "missed" if interval["low"] > target else "undecided"
 
 
-def timed_abba(first, second, repeats: int) -> tuple[dict, dict]:
-    """`timed` for two callables in alternating blocks, first-second-second-first, each block half of `repeats`
-    (rounded up): a machine whose speed drifts during the measurement (this VM's moves by +-15 % over minutes)
-    then biases neither side, where two consecutive blocks would hand the drift to one of them."""
-    warm = {fn: wall_ms(fn) for fn in (first, second)}
-    times = {first: [], second: []}
-    block = -(-repeats // 2)
-    for fn in (first, second, second, first):
-        times[fn] += [wall_ms(fn) for _ in range(block)]
-    return tuple({"first_ms": warm[fn], "median_ms": float(np.median(times[fn])), "all_ms": times[fn]}
-                 for fn in (first, second))
-
-
 class PeakRSS:
     """Peak resident memory while the block runs, sampled every 5 ms, and the RSS when it started.
 
@@ -222,13 +239,14 @@ class PeakRSS:
 
 def timed_step(run, repeats: int) -> dict:
     """`timed` for a train step, with memory: the RSS before the first call (weights, inputs, the framework and, for
-    JAX, the compiled step loaded), the peak during the first call and the peak during the timed steps."""
+    JAX, the compiled step loaded), the peak during the warm-up calls (`rss_peak_first_call_mib`) and the peak
+    during the timed steps."""
     with PeakRSS() as first_call:
-        first = wall_ms(run)
+        warm = warm_up(run)
     with PeakRSS() as steady:
         times = [wall_ms(run) for _ in range(repeats)]
     mib = 2**20
-    return {"first_ms": first, "median_ms": float(np.median(times)), "all_ms": times,
+    return {**warm, "median_ms": float(np.median(times)), "all_ms": times,
             "rss_before_mib": first_call.start / mib, "rss_peak_first_call_mib": first_call.peak / mib,
             "rss_peak_steps_mib": steady.peak / mib, "rss_increase_mib": (steady.peak - first_call.start) / mib}
 
@@ -346,30 +364,32 @@ def as_torch(data: dict, *names: str) -> list:
 # ---------------------------------------------------------------------------------------------- transformer
 
 
-def bench_transformer(repeats: int) -> dict:
-    results = {work.name: bench_workload(work, repeats) for work in (TINY, SMALL_WORK)}
+def bench_transformer(repeats: int, processes: int) -> dict:
+    results = {work.name: bench_workload(work, repeats, processes) for work in (TINY, SMALL_WORK)}
     results["compile"] = compile_times()
     return results
 
 
-def bench_workload(work: Workload, repeats: int) -> dict:
-    """Forward and forward+backward (MSE loss, gradient w.r.t. every weight) of one workload in both frameworks."""
-    print(f"[transformer] {work.describe()}", flush=True)
+def transformer_calls(work: Workload, framework: str) -> tuple:
+    """(forward, forward+backward) of one workload in one framework, each a callable that blocks until done and
+    returns the framework's own output array (forward) or MSE loss (forward+backward, gradient w.r.t. every
+    weight); weights and inputs resident."""
     model, params = transformer_pair(work.config)
     data = inputs(work)
-    img_ids, txt_ids = work.img_ids, sampling.text_ids(work.text_len)
+    if framework == "jax":
+        img_ids, txt_ids = work.img_ids, sampling.text_ids(work.text_len)
 
-    def forward(p, x, ctx, t, g):
-        return flux2.apply(p, work.config, x, ctx, t, img_ids, txt_ids, g)
+        def forward(p, x, ctx, t, g):
+            return flux2.apply(p, work.config, x, ctx, t, img_ids, txt_ids, g)
 
-    def loss(p, x, ctx, t, g, target):
-        return jnp.mean(jnp.square(forward(p, x, ctx, t, g) - target))
+        def loss(p, x, ctx, t, g, target):
+            return jnp.mean(jnp.square(forward(p, x, ctx, t, g) - target))
 
-    args = [jnp.asarray(data[k]) for k in ("x", "ctx", "t", "g")]
-    jax_forward = jax.jit(forward)
-    jax_grad = jax.jit(jax.value_and_grad(loss))
-    row = {"workload": work.describe(), "load_before": load()}
-    jax_target = jnp.asarray(data["target"])
+        args = jax.device_put([data[k] for k in ("x", "ctx", "t", "g")])
+        target = jax.device_put(data["target"])
+        jax_forward, jax_grad = jax.jit(forward), jax.jit(jax.value_and_grad(loss))
+        return (lambda: jax_forward(params, *args).block_until_ready(),
+                lambda: jax.block_until_ready(jax_grad(params, *args, target))[0])
     torch_args, target = as_torch(data, "x", "ctx", "t", "g"), torch.from_numpy(data["target"])
 
     def torch_fwd():
@@ -382,15 +402,37 @@ def bench_workload(work: Workload, repeats: int) -> dict:
         value.backward()
         return value
 
-    row["jax_fwd"], row["torch_fwd"] = timed_abba(lambda: jax_forward(params, *args).block_until_ready(),
-                                                  torch_fwd, repeats)
-    row["jax_fwd_bwd"], row["torch_fwd_bwd"] = timed_abba(
-        lambda: jax.block_until_ready(jax_grad(params, *args, jax_target)), torch_fwd_bwd, repeats)
+    return torch_fwd, torch_fwd_bwd
+
+
+def transformer_worker(work: Workload, framework: str, repeats: int) -> dict:
+    """One framework's forward and forward+backward timings of one workload (the first call of each includes JAX's
+    compilation)."""
+    forward, forward_backward = transformer_calls(work, framework)
+    return {"fwd": timed(forward, repeats), "fwd_bwd": timed(forward_backward, repeats)}
+
+
+def bench_workload(work: Workload, repeats: int, processes: int) -> dict:
+    """Forward and forward+backward (MSE loss, gradient w.r.t. every weight) of one workload, each framework timed in
+    `processes` fresh processes of its own (`process_order`), and how far the two frameworks' results are apart.
+
+    The frameworks used to alternate blocks of calls in one process; JAX's calls after each torch block were then
+    slower (small config forward+backward: 2994-4593 ms for four calls, 2463-2829 ms otherwise), because the blocks
+    torch freed fragment the heap both allocate from and XLA:CPU's next calls grow it again (page faults). No
+    training process interleaves the two frameworks, so each now runs alone.
+    """
+    print(f"[transformer] {work.describe()}", flush=True)
+    row = {"workload": work.describe(), "load_before": load()}
+    runs = {"jax": [], "torch": []}
+    for framework in process_order(processes):
+        runs[framework].append(in_subprocess(f"transformer-{work.name}", framework, repeats))
+    for framework, results in runs.items():
+        for measure in ("fwd", "fwd_bwd"):
+            row[f"{framework}_{measure}"] = pooled([result[measure] for result in results])
     row["load_after"] = load()
-    jax_out = np.asarray(jax_forward(params, *args))
-    row["loss_jax"] = float(jax_grad(params, *args, jax_target)[0])
-    row["max_abs_diff_out"] = max_abs_diff(jax_out, torch_fwd().numpy())
-    row["loss_torch"] = torch_fwd_bwd().item()
+    (jax_fwd, jax_fwd_bwd), (torch_fwd, torch_fwd_bwd) = (transformer_calls(work, fw) for fw in ("jax", "torch"))
+    row["max_abs_diff_out"] = max_abs_diff(jax_fwd(), torch_fwd().numpy())
+    row["loss_jax"], row["loss_torch"] = float(jax_fwd_bwd()), torch_fwd_bwd().item()
     return row
 
 
@@ -662,14 +704,15 @@ def process_order(processes: int) -> list[str]:
 
 def pooled(runs: list[dict]) -> dict:
     """One framework's worker results as one: the first process's fields (loss, gradient norm, compile time), the
-    calls of every process (`process_ms`, one row each; `all_ms` flat) and their median, and the largest memory
-    figures with each process's RSS increase."""
+    calls of every process (`process_ms`, one row each; `all_ms` flat) and their median, and, for the steps, the
+    largest memory figures with each process's RSS increase."""
     process_ms = [run["all_ms"] for run in runs]
     calls = [t for times in process_ms for t in times]
-    out = {**runs[0], "process_ms": process_ms, "all_ms": calls, "median_ms": float(np.median(calls)),
-           "rss_increase_per_process_mib": [run["rss_increase_mib"] for run in runs]}
-    for key in ("rss_peak_first_call_mib", "rss_peak_steps_mib", "rss_increase_mib"):
-        out[key] = max(run[key] for run in runs)
+    out = {**runs[0], "process_ms": process_ms, "all_ms": calls, "median_ms": float(np.median(calls))}
+    if "rss_increase_mib" in runs[0]:
+        out["rss_increase_per_process_mib"] = [run["rss_increase_mib"] for run in runs]
+        for key in ("rss_peak_first_call_mib", "rss_peak_steps_mib", "rss_increase_mib"):
+            out[key] = max(run[key] for run in runs)
     return out
 
 
@@ -850,7 +893,7 @@ def table(results: dict) -> list[str]:
 
 def run_section(name: str, repeats: int, processes: int) -> dict:
     if name == "transformer":
-        return bench_transformer(repeats)
+        return bench_transformer(repeats, processes)
     if name == "sampler":
         return bench_sampler(repeats)
     if name == "flux2_dev":
@@ -866,8 +909,8 @@ def parse_args(argv=None):
                    help=f"timed calls per measurement (median), after a warm-up; a ratio's interval needs "
                         f"{MIN_CALLS_FOR_INTERVAL} calls per framework")
     p.add_argument("--processes", type=int, default=2,
-                   help="worker processes per framework for the step sections (alternating JAX, torch, torch, JAX, "
-                        "...); the interval resamples them too")
+                   help="worker processes per framework for the transformer and step sections (alternating JAX, "
+                        "torch, torch, JAX, ...); the interval resamples them too")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each section, wait up to this long for other jobs to leave the CPU")
@@ -888,7 +931,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
         section, framework = args.worker.split(":")
-        result = WORKERS[section][framework](SR_WORK, args.repeats)
+        if section.startswith("transformer-"):
+            work = {w.name: w for w in (TINY, SMALL_WORK)}[section.removeprefix("transformer-")]
+            result = transformer_worker(work, framework, args.repeats)
+        else:
+            result = WORKERS[section][framework](SR_WORK, args.repeats)
         print(json.dumps(common.to_jsonable(result)))
         return result
     results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

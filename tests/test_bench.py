@@ -130,3 +130,28 @@ def test_table_prints_interval_and_verdict():
     rows = bench.comparisons(results)
     assert [r["verdict"] for r in rows] == ["met", "missed"]
     assert f"[{rows[0]['interval']['low']:.2f}, {rows[0]['interval']['high']:.2f}]" in forward
+
+
+def test_warm_up_repeats_while_calls_grow_the_heap(monkeypatch):
+    """A call that page-faults more than SETTLED_FAULTS times counts as warm-up; the first call that does not ends
+    it, and a function that never settles stops at MAX_WARMUP_CALLS. (The fault counter is driven by the function:
+    how many faults touching fresh memory costs depends on the kernel's huge-page setting.)"""
+    counter = {"faults": 0}
+    monkeypatch.setattr(bench, "minor_faults", lambda: counter["faults"])
+    calls = []
+
+    def grows_three_times():
+        calls.append(None)
+        counter["faults"] += 10_000 if len(calls) <= 3 else 5
+
+    warm = bench.warm_up(grows_three_times)
+    assert len(warm["warmup_ms"]) == 4 and warm["warmup_faults"] == [10_000, 10_000, 10_000, 5]
+    assert warm["first_ms"] == warm["warmup_ms"][0]
+
+    def always_grows():
+        counter["faults"] += 10_000
+
+    assert len(bench.warm_up(always_grows)["warmup_ms"]) == bench.MAX_WARMUP_CALLS
+    first = []
+    timing = bench.timed(lambda: None, 6, warmup=lambda: first.append(None))
+    assert len(timing["all_ms"]) == 6 and len(timing["warmup_ms"]) == 1 and first == [None]
