@@ -19,18 +19,19 @@ Sections:
 
 The transformer and step sections time each framework alone, in `--processes` fresh worker processes per framework
 run in alternating order (JAX, torch, torch, JAX, ...: a drift in the machine's speed over a section then biases
-neither), each a warm-up call (JAX's includes compilation, reported separately) and the median of `--repeats` calls;
-torch forwards run under `torch.no_grad`; the sampler section times both frameworks in one process, JAX first.
-Separate processes also keep each framework's peak memory its own and keep one framework's freed blocks from
-fragmenting the other's heap (see `bench_workload`). Weights and inputs are resident in both frameworks before timing
-(torch tensors; JAX device arrays, as the trainers hold them): a compiled JAX step handed numpy arrays copies them on
-every call (the LoRA step's 125 MB of small-config weights: 16-52 ms per step). Every comparison also prints how far
-apart the two frameworks' results are, so a ratio is never between two different computations. Other jobs sharing the
-2 cores distort the ratios (torch far more than JAX, see `others_cpu`): before each section the CPU use of other jobs
-is measured and recorded with the load average, and `--wait-idle SECONDS` waits for them to leave. Each JAX/torch
-ratio comes with a 95 % bootstrap interval over the worker processes (if any) and their timed calls
-(`ratio_interval`) and a verdict on the target JAX <= 1.0x torch: met (the whole interval at or below 1.0), missed
-(all above) or undecided. Results: a table on stdout, JSON in `<out>/bench.json`.
+neither), each warmed up until a call no longer grows the heap (`warm_up`; JAX's first call includes compilation,
+reported separately) and then the median of `--repeats` calls; torch forwards run under `torch.no_grad`; the sampler
+section times both frameworks in one process, JAX first. Separate processes also keep each framework's peak memory
+its own and keep one framework's freed blocks from fragmenting the other's heap (see `bench_workload`). Weights and
+inputs are resident in both frameworks before timing (torch tensors; JAX device arrays, as the trainers hold them): a
+compiled JAX step handed numpy arrays copies them on every call (the LoRA step's 125 MB of small-config weights:
+16-52 ms per step). Every comparison also prints how far apart the two frameworks' results are, so a ratio is never
+between two different computations. Other jobs sharing the 2 cores distort the ratios (torch far more than JAX, see
+`others_cpu`): before each section the CPU use of other jobs is measured and recorded with the load average, and
+`--wait-idle SECONDS` waits for them to leave. Each JAX/torch ratio comes with a 95 % bootstrap interval over the
+worker processes (if any) and their timed calls (`ratio_interval`) and a verdict on the target JAX <= 1.0x torch: met
+(the whole interval at or below 1.0), missed (all above) or undecided. Results: a table on stdout, JSON in
+`<out>/bench.json`.
 """
 
 from __future__ import annotations
@@ -423,10 +424,7 @@ def bench_workload(work: Workload, repeats: int, processes: int) -> dict:
     """
     print(f"[transformer] {work.describe()}", flush=True)
     row = {"workload": work.describe(), "load_before": load()}
-    runs = {"jax": [], "torch": []}
-    for framework in process_order(processes):
-        runs[framework].append(in_subprocess(f"transformer-{work.name}", framework, repeats))
-    for framework, results in runs.items():
+    for framework, results in in_workers(f"transformer-{work.name}", repeats, processes).items():
         for measure in ("fwd", "fwd_bwd"):
             row[f"{framework}_{measure}"] = pooled([result[measure] for result in results])
     row["load_after"] = load()
@@ -681,8 +679,14 @@ def dpo_step_torch(work: Workload, repeats: int) -> dict:
     return {**timed_step(run, repeats), **record["first"]}
 
 
-WORKERS = {"lora_step": {"jax": lora_step_jax, "torch": lora_step_torch},
-           "dpo_step": {"jax": dpo_step_jax, "torch": dpo_step_torch}}
+# What a worker process (`--worker section:framework`) runs, given `--repeats`.
+WORKERS = {
+    "lora_step": {"jax": functools.partial(lora_step_jax, SR_WORK),
+                  "torch": functools.partial(lora_step_torch, SR_WORK)},
+    "dpo_step": {"jax": functools.partial(dpo_step_jax, SR_WORK), "torch": functools.partial(dpo_step_torch, SR_WORK)},
+    **{f"transformer-{work.name}": {fw: functools.partial(transformer_worker, work, fw) for fw in ("jax", "torch")}
+       for work in (TINY, SMALL_WORK)},
+}
 
 
 def in_subprocess(section: str, framework: str, repeats: int) -> dict:
@@ -700,6 +704,15 @@ def process_order(processes: int) -> list[str]:
     """Frameworks in the order their worker processes run: JAX, torch, torch, JAX, ... (a drift in the machine's
     speed over the section then biases neither)."""
     return [fw for i in range(processes) for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax"))]
+
+
+def in_workers(section: str, repeats: int, processes: int) -> dict[str, list[dict]]:
+    """Each framework's results from `processes` worker processes of `section`, run in `process_order`."""
+    runs = {"jax": [], "torch": []}
+    for framework in process_order(processes):
+        print(f"[{section}] {framework} (process {len(runs[framework]) + 1} of {processes}) ...", flush=True)
+        runs[framework].append(in_subprocess(section, framework, repeats))
+    return runs
 
 
 def pooled(runs: list[dict]) -> dict:
@@ -723,11 +736,7 @@ def bench_steps(section: str, repeats: int, processes: int) -> dict:
     row = {"load_before": load(), "workload": SR_WORK.describe(), "pixels": size if section == "lora_step" else None}
     print(f"[{section}] {SR_WORK.describe()}" + (f"; decoder + LPIPS-VGG at {size} px" if row["pixels"] else ""),
           flush=True)
-    runs = {"jax": [], "torch": []}
-    for i, framework in enumerate(process_order(processes)):
-        print(f"[{section}] {framework} (process {len(runs[framework]) + 1} of {processes}) ...", flush=True)
-        runs[framework].append(in_subprocess(section, framework, repeats))
-    row.update({framework: pooled(results) for framework, results in runs.items()})
+    row.update({framework: pooled(results) for framework, results in in_workers(section, repeats, processes).items()})
     row["load_after"] = load()
     return row
 
@@ -931,11 +940,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
         section, framework = args.worker.split(":")
-        if section.startswith("transformer-"):
-            work = {w.name: w for w in (TINY, SMALL_WORK)}[section.removeprefix("transformer-")]
-            result = transformer_worker(work, framework, args.repeats)
-        else:
-            result = WORKERS[section][framework](SR_WORK, args.repeats)
+        result = WORKERS[section][framework](args.repeats)
         print(json.dumps(common.to_jsonable(result)))
         return result
     results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
