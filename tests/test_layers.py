@@ -145,8 +145,50 @@ def test_conv_with_input_grad_kernel_matches_autodiff(kernel_hw, padding, precis
             module = layers.with_input_grad_kernels({"kernel": k, "bias": bias})
             return layers.conv2d(module, x, padding=padding)
 
-        assert_vjp_matches(ours, lambda x, k: layers.conv2d({"kernel": k, "bias": bias}, x, padding=padding),
-                           (x, kernel), cotangent, tol)
+        assert_vjp_matches(ours, lambda x, k: lax_conv(x, k, padding) + bias, (x, kernel), cotangent, tol)
+
+
+def lax_conv(x, kernel, padding, stride=1):
+    """The reference: XLA's convolution as JAX emits it, differentiated by autodiff."""
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def compiled_kinds(fn, *args) -> tuple[int, int]:
+    """(YNNPACK fusions, plain convolutions (which XLA:CPU runs on Eigen)) in the compiled program of `fn`."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return text.count('"kind":"__ynn_fusion"'), text.count(" convolution(")
+
+
+@pytest.mark.parametrize("hw,cin,cout,padding,eigen", [
+    (32, 16, 32, "SAME", True), (16, 32, 16, ((1, 1), (1, 1)), True), (12, 24, 20, ((2, 0), (1, 1)), True),
+    (16, 64, 128, "SAME", False),  # more output channels than EIGEN_MAX_OUT_CHANNELS: YNNPACK threads these
+    (16, 8, 32, "SAME", False),  # fewer than EIGEN_MIN_CHANNELS in
+    (16, 16, 32, "VALID", False),  # the output cannot be made larger than the input without changing the padding
+])
+def test_small_convolutions_run_on_eigen_with_the_same_values(hw, cin, cout, padding, eigen):
+    """Stride-1 convolutions in the Eigen range are computed one pixel wider and cropped: the compiled forward and
+    input gradient then hold no YNNPACK fusion (XLA:CPU sends a convolution whose output outgrows its input to
+    Eigen), and output, input gradient and kernel gradient equal autodiff of the plain convolution."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, hw, hw + 2, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+    out_shape = jax.eval_shape(lambda x: lax_conv(x, kernel, padding), x).shape
+    cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    assert_vjp_matches(lambda x, k: layers.conv2d({"kernel": k}, x, padding=padding),
+                       lambda x, k: lax_conv(x, k, padding), (x, kernel), cotangent, 2e-5)
+
+    def forward(x, k):
+        return layers.conv2d({"kernel": k}, x, padding=padding)
+
+    def input_grad(x, k, dy):  # everything an argument: XLA would fold a convolution of constants
+        return jax.vjp(lambda x: forward(x, k), x)[1](dy)[0]
+
+    if eigen:
+        for fn, args in ((forward, (x, kernel)), (input_grad, (x, kernel, cotangent))):
+            ynn, plain = compiled_kinds(fn, *args)
+            assert ynn == 0 and plain >= 1
+    else:  # (its input gradient may be in the Eigen range: 64 -> 128 channels back-propagates as 128 -> 64)
+        assert compiled_kinds(forward, x, kernel)[0] >= 1
 
 
 def test_with_input_grad_kernels_adds_one_kernel_per_convolution():

@@ -224,7 +224,43 @@ def _group_norm_bwd(groups, eps, residuals, dy):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+# XLA:CPU (jaxlib 0.10.2) gives float convolutions to YNNPACK, which runs those with few channels on one core at any
+# batch size (3 x 3, 64 -> 64 channels at 64 px: 2.79 ms, 108 GFLOP/s, the same per image at batch 1 to 8), while
+# its Eigen path uses every core (1.80 ms). XLA sends a convolution whose output is larger than its input to Eigen,
+# so `_conv` pads these one pixel wider on each side and crops the extra ring (see `_eigen_pads`). Which ones gain
+# was measured per shape on this 2-core CPU, forward, p25 (YNNPACK -> Eigen): gains 256 px 32 -> 16 5.97 -> 5.04 ms,
+# 128 px 64 -> 32 5.58 -> 3.38, 128 px 32 -> 32 2.82 -> 1.80, 64 px 128 -> 64 5.66 -> 3.71, 32 px 64 -> 64
+# 0.85 -> 0.62; losses 256 px 3 -> 64 3.36 -> 4.84, 256 px 64 -> 64 23.9 -> 29.0 (4.8 GFLOP, which YNNPACK
+# threads), 64 px 64 -> 128 2.93 -> 3.18, 32 px 8 -> 64 0.15 -> 0.18. Hence: at least `EIGEN_MIN_CHANNELS` in and
+# out, at most `EIGEN_MAX_OUT_CHANNELS` out, under `EIGEN_MAX_FLOPS` per image.
+EIGEN_MIN_CHANNELS = 16
+EIGEN_MAX_OUT_CHANNELS = 64
+EIGEN_MAX_FLOPS = 2e9
+
+
+def _eigen_pads(x_shape, kernel_shape, pads) -> tuple | None:
+    """`pads` one pixel wider on each side if this stride-1 convolution should run on XLA:CPU's Eigen path (see
+    above), else None. Only where the widened output is larger than the input (else YNNPACK takes it anyway) and
+    only on the CPU backend."""
+    (kh, kw, cin, cout), (height, width) = kernel_shape, x_shape[1:3]
+    wide = tuple((low + 1, high + 1) for low, high in pads)
+    out = [size + low + high - k + 1 for size, k, (low, high) in zip((height, width), (kh, kw), wide)]
+    flops = 2.0 * out[0] * out[1] * kh * kw * cin * cout
+    if (jax.default_backend() != "cpu" or min(cin, cout) < EIGEN_MIN_CHANNELS or cout > EIGEN_MAX_OUT_CHANNELS
+            or flops > EIGEN_MAX_FLOPS or out[0] <= height or out[1] <= width):
+        return None
+    return wide
+
+
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """`lax.conv_general_dilated` in NHWC/HWIO; stride-1 convolutions with explicit pads (as `conv2d` passes them)
+    that run faster on XLA:CPU's Eigen path are computed one pixel wider on each side and cropped (the same values:
+    the ring is dropped, nothing else moves)."""
+    if stride == 1 and not isinstance(padding, str):
+        wide = _eigen_pads(x.shape, kernel.shape, tuple(map(tuple, padding)))
+        if wide is not None:
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), wide, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y[:, 1:-1, 1:-1]
     return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride), padding=padding,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -256,27 +292,30 @@ def with_input_grad_kernels(params: Params) -> Params:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _conv_given_input_grad_kernel(x, kernel, grad_kernel, pads):
-    """A stride-1 convolution whose input gradient is a convolution with `grad_kernel` (see
-    `with_input_grad_kernels`). The output depends on `kernel` alone: `grad_kernel` must equal
-    `input_grad_kernel(kernel)` and gets a zero cotangent; `kernel` gets its true gradient, computed only if used."""
-    return _conv_given_fwd(x, kernel, grad_kernel, pads)[0]
+def _conv_stride1(x, kernel, grad_kernel, pads):
+    """A stride-1 convolution whose input gradient is a stride-1 convolution of dL/dy with `grad_kernel`, which must
+    equal `input_grad_kernel(kernel)` or be None (then it is formed in the backward pass); it gets a zero cotangent.
+    Written out rather than left to autodiff so that the input-gradient convolution goes through `_conv` too (autodiff
+    of the cropped convolution would pad dL/dy and hand the product back to YNNPACK); `kernel` gets its true
+    gradient, computed only if used."""
+    return _conv_stride1_fwd(x, kernel, grad_kernel, pads)[0]
 
 
-def _conv_given_fwd(x, kernel, grad_kernel, pads):
+def _conv_stride1_fwd(x, kernel, grad_kernel, pads):
     return _conv(x, kernel, 1, pads), (x, kernel, grad_kernel)
 
 
-def _conv_given_bwd(pads, residuals, dy):
+def _conv_stride1_bwd(pads, residuals, dy):
     x, kernel, grad_kernel = residuals
     size = kernel.shape[:2]
     transposed = tuple((k - 1 - low, k - 1 - high) for k, (low, high) in zip(size, pads))
-    dx = _conv(dy, grad_kernel.astype(dy.dtype), 1, transposed)
+    flipped = input_grad_kernel(kernel) if grad_kernel is None else grad_kernel
+    dx = _conv(dy, flipped.astype(dy.dtype), 1, transposed)
     d_kernel = jax.vjp(lambda k: _conv(x, k, 1, pads), kernel)[1](dy)[0]
-    return dx, d_kernel, jnp.zeros_like(grad_kernel)
+    return dx, d_kernel, None if grad_kernel is None else jnp.zeros_like(grad_kernel)
 
 
-_conv_given_input_grad_kernel.defvjp(_conv_given_fwd, _conv_given_bwd)
+_conv_stride1.defvjp(_conv_stride1_fwd, _conv_stride1_bwd)
 
 
 def conv2d(p: Params, x: jax.Array, stride: int = 1, padding="SAME") -> jax.Array:
@@ -284,14 +323,15 @@ def conv2d(p: Params, x: jax.Array, stride: int = 1, padding="SAME") -> jax.Arra
 
     `padding` is either a lax padding string or explicit `((top, bottom), (left, right))`, which the VAE needs for
     its asymmetric (0, 1, 0, 1) downsampling pad. A stride-1 convolution whose module holds an `input_grad_kernel`
-    (`with_input_grad_kernels`) back-propagates to its input through that kernel.
+    (`with_input_grad_kernels`) back-propagates to its input through that kernel; every stride-1 convolution
+    back-propagates through `_conv` (see `_conv_stride1`).
     """
     kernel = p["kernel"].astype(x.dtype)
-    if stride == 1 and "input_grad_kernel" in p:
+    if stride == 1:
         pads = padding
         if isinstance(padding, str):
             pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
-        y = _conv_given_input_grad_kernel(x, kernel, p["input_grad_kernel"], tuple(map(tuple, pads)))
+        y = _conv_stride1(x, kernel, p.get("input_grad_kernel"), tuple(map(tuple, pads)))
     else:
         y = _conv(x, kernel, stride, padding)
     if "bias" in p:
