@@ -148,9 +148,9 @@ def test_conv_with_input_grad_kernel_matches_autodiff(kernel_hw, padding, precis
         assert_vjp_matches(ours, lambda x, k: lax_conv(x, k, padding) + bias, (x, kernel), cotangent, tol)
 
 
-def lax_conv(x, kernel, padding, stride=1):
-    """The reference: XLA's convolution as JAX emits it, differentiated by autodiff."""
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def lax_conv(x, kernel, padding):
+    """The reference: XLA's stride-1 convolution as JAX emits it, differentiated by autodiff."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def compiled_kinds(fn, *args) -> tuple[int, int]:
@@ -174,11 +174,11 @@ def test_small_convolutions_run_on_eigen_with_the_same_values(hw, cin, cout, pad
     kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
     out_shape = jax.eval_shape(lambda x: lax_conv(x, kernel, padding), x).shape
     cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
-    assert_vjp_matches(lambda x, k: layers.conv2d({"kernel": k}, x, padding=padding),
-                       lambda x, k: lax_conv(x, k, padding), (x, kernel), cotangent, 2e-5)
 
     def forward(x, k):
         return layers.conv2d({"kernel": k}, x, padding=padding)
+
+    assert_vjp_matches(forward, lambda x, k: lax_conv(x, k, padding), (x, kernel), cotangent, 2e-5)
 
     def input_grad(x, k, dy):  # everything an argument: XLA would fold a convolution of constants
         return jax.vjp(lambda x: forward(x, k), x)[1](dy)[0]
