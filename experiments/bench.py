@@ -238,18 +238,21 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def timed_step(run, repeats: int) -> dict:
+def timed_step(run, repeats: int, compiled=None) -> dict:
     """`timed` for a train step, with memory: the RSS before the first call (weights, inputs, the framework and, for
     JAX, the compiled step loaded), the peak during the warm-up calls (`rss_peak_first_call_mib`) and the peak
-    during the timed steps."""
+    during the timed steps. A JAX step's heap is reserved first, as `common.train_loop` does (`reserved_mib`,
+    counted in the RSS increase)."""
     with PeakRSS() as first_call:
+        reserved = common.reserve_step_heap(compiled) if compiled is not None else 0
         warm = warm_up(run)
     with PeakRSS() as steady:
         times = [wall_ms(run) for _ in range(repeats)]
     mib = 2**20
     return {**warm, "median_ms": float(np.median(times)), "all_ms": times,
             "rss_before_mib": first_call.start / mib, "rss_peak_first_call_mib": first_call.peak / mib,
-            "rss_peak_steps_mib": steady.peak / mib, "rss_increase_mib": (steady.peak - first_call.start) / mib}
+            "rss_peak_steps_mib": steady.peak / mib, "rss_increase_mib": (steady.peak - first_call.start) / mib,
+            "reserved_mib": reserved / mib}
 
 
 def compile_step(step, *args) -> tuple:
@@ -551,7 +554,7 @@ def lora_step_jax(work: Workload, repeats: int) -> dict:
         holder.setdefault("first", jax.device_get(metrics))
         jax.block_until_ready(holder["state"])
 
-    timing = timed_step(run, repeats)
+    timing = timed_step(run, repeats, compiled)
     first = holder["first"]
     return {**timing, **info, "loss": float(first["loss"]), "grad_norm": float(first["grad_norm"]),
             "terms": {k: float(first[k]) for k in ("fm", "pix", "lpips")}}
@@ -633,7 +636,7 @@ def dpo_step_jax(work: Workload, repeats: int) -> dict:
         holder.setdefault("first", jax.device_get(metrics))
         jax.block_until_ready(holder["state"])
 
-    return {**timed_step(run, repeats), **info, "loss": float(holder["first"]["loss"]),
+    return {**timed_step(run, repeats, compiled), **info, "loss": float(holder["first"]["loss"]),
             "delta": float(holder["first"]["delta"]), "grad_norm": float(holder["first"]["grad_norm"])}
 
 
@@ -883,7 +886,8 @@ def table(results: dict) -> list[str]:
                          f"{row['torch']['rss_increase_mib']:>6.0f} MiB"
                          f"{row['jax']['rss_increase_mib'] / row['torch']['rss_increase_mib']:>9.2f}x  "
                          f"peak RSS {row['jax']['rss_peak_steps_mib']:.0f} vs {row['torch']['rss_peak_steps_mib']:.0f} "
-                         f"MiB; XLA plan {sum(row['jax'].get('xla_gib', {}).values()):.2f} GiB")
+                         f"MiB; XLA plan {sum(row['jax'].get('xla_gib', {}).values()):.2f} GiB, heap reserved "
+                         f"{row['jax'].get('reserved_mib', 0):.0f} MiB")
     if "sampler" in results:
         row = results["sampler"]
         lines.append(f"{'  candidates/s (JAX/torch = speed-up)':<38}{row['jax']['candidates_per_s']:>10.3f}"

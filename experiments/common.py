@@ -308,6 +308,25 @@ class Checkpoints:
         return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract)), int(step)
 
 
+# How many blocks of a step's temporaries `reserve_step_heap` reserves: the LoRA step's heap settled at three.
+HEAP_RESERVE_TEMPS = 3
+
+
+def reserve_step_heap(compiled) -> int:
+    """Reserve `HEAP_RESERVE_TEMPS` times a compiled step's temporaries in the host heap (`host.reserve_heap`), so
+    its calls stop page-faulting when the heap fragments; only on the CPU backend (elsewhere the temporaries live on
+    the device) with the tuned allocator. Returns the bytes reserved."""
+    import jax
+
+    import experiments
+    from experiments import host
+
+    memory = compiled.memory_analysis()
+    if jax.default_backend() != "cpu" or not experiments.ALLOCATOR_TUNED or memory is None:
+        return 0
+    return host.reserve_heap(HEAP_RESERVE_TEMPS * memory.temp_size_in_bytes)
+
+
 def train_loop(step_fn, state, frozen, batch_for, steps: int, checkpoints: Checkpoints, metrics: Metrics,
                checkpoint_every: int, desc: str, shown=("loss",)):
     """Run `state, metrics = step_fn(state, frozen, batch_for(step))` from the state's step to `steps`, logging every
@@ -316,6 +335,8 @@ def train_loop(step_fn, state, frozen, batch_for, steps: int, checkpoints: Check
     from tqdm import tqdm
 
     start = int(state["step"])
+    if start < steps:  # compiles the step (jit keeps it for the calls below)
+        reserve_step_heap(step_fn.lower(state, frozen, batch_for(start)).compile())
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps)
     for step in bar:
         t0 = time.perf_counter()

@@ -113,6 +113,9 @@ def main(argv=None) -> Path:
     metrics = common.Metrics(out / "metrics.jsonl")
     metrics.truncate_after(start - 1)
 
+    if start < args.steps:  # compiles the step (jit keeps it for the calls below)
+        common.reserve_step_heap(step_fn.lower(state, lpips_params, crops(dataset, start * config.batch,
+                                                                          config.batch)).compile())
     bar = tqdm(range(start, args.steps), desc="vae", initial=start, total=args.steps)
     for step in bar:
         t0 = time.perf_counter()

@@ -2,11 +2,13 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
+import experiments
+from experiments import common, host
 from foa_jax import lora, losses
 
 
@@ -141,3 +143,16 @@ def test_model_sources_name_every_file_a_stage_loads(tmp_path):
     assert common.model_sources(args, weights) == [weights / "transformer", tmp_path / "converted_vae",
                                                    weights / "prompt_embedding.safetensors",
                                                    weights / "lora.safetensors"]
+
+
+def test_reserve_step_heap_reserves_three_times_the_temporaries(monkeypatch):
+    """`train_loop`'s reserve follows XLA's plan for the compiled step, capped; none without the tuned allocator."""
+    reserved = []
+    monkeypatch.setattr(host, "reserve_heap", lambda nbytes: reserved.append(nbytes) or nbytes)
+    x = jnp.ones((256, 256))
+    compiled = jax.jit(lambda a: jnp.tanh(a @ a) @ jnp.sin(a @ a.T)).lower(x).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    monkeypatch.setattr(experiments, "ALLOCATOR_TUNED", True)
+    assert temp > 0 and common.reserve_step_heap(compiled) == common.HEAP_RESERVE_TEMPS * temp == reserved[0]
+    monkeypatch.setattr(experiments, "ALLOCATOR_TUNED", False)
+    assert common.reserve_step_heap(compiled) == 0 and len(reserved) == 1
