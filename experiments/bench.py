@@ -10,7 +10,8 @@ Sections:
   16 (scanned stacks keep it flat).
 - `lora_step`: one Flux2SR LoRA train step on the small config (rank 16, `attn+add`): flow matching + Charbonnier +
   LPIPS-VGG through the tiny VAE decoder at 256 px, clipped AdamW; each framework in fresh processes of its own
-  (`--processes` per framework) so its peak memory is its own.
+  (`--processes` per framework) so its peak memory is its own; JAX's includes the heap reserve that
+  `common.train_loop` makes too (`host.reserve_heap`).
 - `sampler`: candidates per second of the 16-step Euler sampler with one reference image (`foa_jax.sr`) against
   `Flux2Pipeline.__call__` (prompt embedding and noise given, reference photo encoded by the pipeline itself).
 - `dpo_step`: one Diffusion-DPO step (`foa_jax.dpo.dpo_loss`: policy LoRA on winner and loser with shared t and noise,
