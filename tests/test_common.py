@@ -146,7 +146,7 @@ def test_model_sources_name_every_file_a_stage_loads(tmp_path):
 
 
 def test_reserve_step_heap_reserves_three_times_the_temporaries(monkeypatch):
-    """`train_loop`'s reserve follows XLA's plan for the compiled step, capped; none without the tuned allocator."""
+    """`train_loop`'s reserve follows XLA's plan for the compiled step; none without the tuned allocator."""
     reserved = []
     monkeypatch.setattr(host, "reserve_heap", lambda nbytes: reserved.append(nbytes) or nbytes)
     x = jnp.ones((256, 256))
