@@ -544,7 +544,7 @@ def lora_step_jax(work: Workload, repeats: int) -> dict:
                            guidance=1.0)
     step = train.make_step(sft.make_loss(models, config, work.grid, size), optim)
     frozen = {"transformer": params, "vae": vae_params,
-              "lpips": layers.with_input_grad_kernels(load_lpips_params("vgg"))}
+              "lpips": layers.with_frozen_conv_kernels(load_lpips_params("vgg"))}
     state = train.init_state(adapter, optim, jax.random.PRNGKey(SEED))
     stacked = jax.device_put({k: v[None] for k, v in batch.items()})  # one gradient-accumulation micro-batch
     compiled, info = compile_step(step, state, frozen, stacked)

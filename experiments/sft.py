@@ -216,7 +216,7 @@ def main(argv=None) -> Path:
     size = config.data.gt_size
     f = models.vae_config.token_factor
     # LPIPS stays frozen: its convolutions' input-gradient kernels are computed once here, not in every step.
-    lpips_params = layers.with_input_grad_kernels(load_lpips_params(config.loss.lpips_net))
+    lpips_params = layers.with_frozen_conv_kernels(load_lpips_params(config.loss.lpips_net))
     frozen = {"vae": models.vae, "lpips": lpips_params}
     if config.mode == "lora":
         trainable = lora_lib.init(models.transformer, config.lora, jax.random.PRNGKey(args.seed))

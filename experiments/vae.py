@@ -103,7 +103,7 @@ def main(argv=None) -> Path:
     vae_config = vae.VAEConfig.preset(config.vae)
     train_photos, _ = photos.split()
     dataset = Dataset(config.data, train_photos, report=print)
-    lpips_params = layers.with_input_grad_kernels(load_lpips_params("alex"))
+    lpips_params = layers.with_frozen_conv_kernels(load_lpips_params("alex"))
     tx, step_fn = make_step(config, vae_config, args.steps)
     params = vae.init(vae_config, jax.random.PRNGKey(args.seed))
     state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)},

@@ -142,7 +142,7 @@ def test_conv_with_input_grad_kernel_matches_autodiff(kernel_hw, padding, precis
         cotangent = jnp.asarray(rng.standard_normal(out_shape), dtype)
 
         def ours(x, k):
-            module = layers.with_input_grad_kernels({"kernel": k, "bias": bias})
+            module = layers.with_frozen_conv_kernels({"kernel": k, "bias": bias})
             return layers.conv2d(module, x, padding=padding)
 
         assert_vjp_matches(ours, lambda x, k: lax_conv(x, k, padding) + bias, (x, kernel), cotangent, tol)
@@ -191,24 +191,78 @@ def test_small_convolutions_run_on_eigen_with_the_same_values(hw, cin, cout, pad
         assert compiled_kinds(forward, x, kernel)[0] >= 1
 
 
-def test_with_input_grad_kernels_adds_one_kernel_per_convolution():
+def test_with_frozen_conv_kernels_adds_one_kernel_per_convolution():
+    """Winograd kernels for 3 x 3 convolutions with at least WINOGRAD_MIN_CHANNELS inputs (G g Gᵀ, checked in
+    float64 NumPy), input-gradient kernels (flipped in space, in and out swapped) for every other convolution."""
     rng = np.random.default_rng(4)
     kernel = jnp.asarray(rng.standard_normal((3, 2, 4, 5)), jnp.float32)
+    wide = jnp.asarray(rng.standard_normal((3, 3, layers.WINOGRAD_MIN_CHANNELS, 2)), jnp.float32)
+    narrow = jnp.asarray(rng.standard_normal((3, 3, layers.WINOGRAD_MIN_CHANNELS - 1, 2)), jnp.float32)
     tree = {"conv": {"kernel": kernel, "bias": jnp.zeros(5)}, "linear": {"kernel": jnp.ones((4, 5))},
-            "deeper": {"head": {"kernel": jnp.ones((1, 1, 6, 1))}}}
-    got = layers.with_input_grad_kernels(tree)
+            "deeper": {"head": {"kernel": jnp.ones((1, 1, 6, 1))}, "wide": {"kernel": wide},
+                       "narrow": {"kernel": narrow}}}
+    got = layers.with_frozen_conv_kernels(tree)
     assert set(got["conv"]) == {"kernel", "bias", "input_grad_kernel"} and set(got["linear"]) == {"kernel"}
     assert got["deeper"]["head"]["input_grad_kernel"].shape == (1, 1, 1, 6)
     want = np.asarray(kernel)[::-1, ::-1].transpose(0, 1, 3, 2)  # flipped in space, in and out swapped
     np.testing.assert_array_equal(np.asarray(got["conv"]["input_grad_kernel"]), want)
-    assert "input_grad_kernel" not in tree["conv"]  # the input tree is not modified
+    assert set(got["deeper"]["wide"]) == {"kernel", "winograd_kernel"}
+    assert set(got["deeper"]["narrow"]) == {"kernel", "input_grad_kernel"}
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    want = np.einsum("ak,klio,bl->abio", g, np.asarray(wide, np.float64), g)
+    np.testing.assert_allclose(np.asarray(got["deeper"]["wide"]["winograd_kernel"]), want, rtol=1e-6, atol=1e-6)
+    assert "input_grad_kernel" not in tree["conv"] and "winograd_kernel" not in tree["deeper"]["wide"]
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 10, 5), (2, 8, 4, 3), (1, 2, 2, 4)])
+@pytest.mark.parametrize("padding", ["SAME", ((1, 1), (1, 1))])
+@pytest.mark.parametrize("precision,tol", PRECISIONS)
+def test_winograd_convolution_matches_autodiff(shape, padding, precision, tol):
+    """Output and gradients w.r.t. the input and the kernel of a convolution on Winograd F(2x2, 3x3) against
+    autodiff of the plain convolution; the Winograd kernel is derived inside the differentiated function, so its zero
+    cotangent is checked too. The compiled forward and input gradient hold no convolution (their products are
+    batched matmuls): the path is taken."""
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(precision == "float64"):
+        dtype = jnp.dtype(precision)
+        x = jnp.asarray(rng.standard_normal(shape), dtype)
+        kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 6)) / np.sqrt(9 * shape[-1]), dtype)
+        bias = jnp.asarray(rng.standard_normal(6), dtype)
+        cotangent = jnp.asarray(rng.standard_normal((*shape[:3], 6)), dtype)
+
+        def ours(x, k):
+            return layers.conv2d({"kernel": k, "bias": bias, "winograd_kernel": layers.winograd_kernel(k)}, x,
+                                 padding=padding)
+
+        assert_vjp_matches(ours, lambda x, k: lax_conv(x, k, ((1, 1), (1, 1))) + bias, (x, kernel), cotangent, tol)
+
+        def input_grad(x, k, dy):
+            return jax.vjp(lambda x: ours(x, k), x)[1](dy)[0]
+
+        for fn, args in ((ours, (x, kernel)), (input_grad, (x, kernel, cotangent))):
+            assert compiled_kinds(fn, *args)[1] == 0
+
+
+@pytest.mark.parametrize("shape,padding", [((1, 7, 6, 4), "SAME"), ((1, 6, 6, 4), ((1, 1), (0, 2))),
+                                           ((1, 6, 6, 4), "VALID")])
+def test_winograd_kernel_is_ignored_where_it_does_not_apply(shape, padding):
+    """An odd side or padding other than one pixel all round takes the direct convolution, with its values."""
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+    module = {"kernel": kernel, "winograd_kernel": layers.winograd_kernel(kernel)}
+    out, back = jax.vjp(lambda x: layers.conv2d(module, x, padding=padding), x)
+    want, want_back = jax.vjp(lambda x: layers.conv2d({"kernel": kernel}, x, padding=padding), x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(back(out)[0]), np.asarray(want_back(out)[0]))
+    assert compiled_kinds(lambda x: layers.conv2d(module, x, padding=padding), x)[1] >= 1
 
 
 def test_strided_convolution_ignores_the_input_grad_kernel():
     """Stride 2 (the encoder's downsampling) keeps autodiff's gradient; the precomputed kernel is for stride 1."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
-    module = layers.with_input_grad_kernels({"kernel": jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)})
+    module = layers.with_frozen_conv_kernels({"kernel": jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)})
     plain = {"kernel": module["kernel"]}
     grad = jax.grad(lambda x, m: jnp.sum(layers.conv2d(m, x, stride=2, padding=((0, 1), (0, 1))) ** 2))
     np.testing.assert_array_equal(np.asarray(grad(x, module)), np.asarray(grad(x, plain)))
