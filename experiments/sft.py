@@ -215,7 +215,7 @@ def main(argv=None) -> Path:
     cache = prepare_data(args, config, models, out)
     size = config.data.gt_size
     f = models.vae_config.token_factor
-    # LPIPS stays frozen: its convolutions' input-gradient kernels are computed once here, not in every step.
+    # LPIPS stays frozen: its convolutions' input-gradient and Winograd kernels are formed once here, not in every step.
     lpips_params = layers.with_frozen_conv_kernels(load_lpips_params(config.loss.lpips_net))
     frozen = {"vae": models.vae, "lpips": lpips_params}
     if config.mode == "lora":
