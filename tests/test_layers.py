@@ -192,8 +192,8 @@ def test_small_convolutions_run_on_eigen_with_the_same_values(hw, cin, cout, pad
 
 
 def test_with_frozen_conv_kernels_adds_one_kernel_per_convolution():
-    """Winograd kernels for 3 x 3 convolutions with at least WINOGRAD_MIN_CHANNELS inputs (G g Gᵀ, checked in
-    float64 NumPy), input-gradient kernels (flipped in space, in and out swapped) for every other convolution."""
+    """Input-gradient kernels (flipped in space, in and out swapped) for every convolution, Winograd kernels (G g Gᵀ,
+    checked in float64 NumPy) also for 3 x 3 convolutions with at least WINOGRAD_MIN_CHANNELS inputs."""
     rng = np.random.default_rng(4)
     kernel = jnp.asarray(rng.standard_normal((3, 2, 4, 5)), jnp.float32)
     wide = jnp.asarray(rng.standard_normal((3, 3, layers.WINOGRAD_MIN_CHANNELS, 2)), jnp.float32)
@@ -206,7 +206,7 @@ def test_with_frozen_conv_kernels_adds_one_kernel_per_convolution():
     assert got["deeper"]["head"]["input_grad_kernel"].shape == (1, 1, 1, 6)
     want = np.asarray(kernel)[::-1, ::-1].transpose(0, 1, 3, 2)  # flipped in space, in and out swapped
     np.testing.assert_array_equal(np.asarray(got["conv"]["input_grad_kernel"]), want)
-    assert set(got["deeper"]["wide"]) == {"kernel", "winograd_kernel"}
+    assert set(got["deeper"]["wide"]) == {"kernel", "input_grad_kernel", "winograd_kernel"}
     assert set(got["deeper"]["narrow"]) == {"kernel", "input_grad_kernel"}
     g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
     want = np.einsum("ak,klio,bl->abio", g, np.asarray(wide, np.float64), g)

@@ -363,9 +363,9 @@ _winograd_conv3x3.defvjp(_winograd_conv3x3_fwd, _winograd_conv3x3_bwd)
 
 def with_frozen_conv_kernels(params: Params) -> Params:
     """A copy of `params` for a network that stays frozen while gradients flow through it (LPIPS in a training step):
-    each 3 x 3 convolution module with at least `WINOGRAD_MIN_CHANNELS` input channels also holds its
-    `winograd_kernel` (CPU backend only), every other convolution module (a dict with a 4-D `kernel`) its
-    `input_grad_kernel`. `conv2d` uses them; the originals stay, and stay the ones any gradient goes to.
+    every convolution module (a dict with a 4-D `kernel`) also holds its `input_grad_kernel`, and each 3 x 3 one with
+    at least `WINOGRAD_MIN_CHANNELS` input channels its `winograd_kernel` too (CPU backend only; images with an odd
+    side still take the direct path). `conv2d` uses them; the originals stay, and stay the ones any gradient goes to.
 
     Autodiff of a convolution w.r.t. its input flips and transposes the kernel on every call, and XLA:CPU does both
     in one slow loop: 6-7 ms for each 3 x 3 x 512 x 512 VGG kernel, where the two apart take 0.4 + 1.3 ms. Done once
@@ -380,10 +380,9 @@ def with_frozen_conv_kernels(params: Params) -> Params:
         kernel = node.get("kernel")
         if kernel is None or isinstance(kernel, dict) or jnp.ndim(kernel) != 4:
             return out
+        out["input_grad_kernel"] = input_grad_kernel(kernel)
         if winograd and kernel.shape[:2] == (3, 3) and kernel.shape[2] >= WINOGRAD_MIN_CHANNELS:
             out["winograd_kernel"] = winograd_kernel(kernel)
-        else:
-            out["input_grad_kernel"] = input_grad_kernel(kernel)
         return out
 
     return visit(params)
