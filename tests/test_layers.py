@@ -191,7 +191,7 @@ def test_small_convolutions_run_on_eigen_with_the_same_values(hw, cin, cout, pad
         assert compiled_kinds(forward, x, kernel)[0] >= 1
 
 
-def test_with_frozen_conv_kernels_adds_one_kernel_per_convolution():
+def test_with_frozen_conv_kernels_adds_the_kernels_each_convolution_uses():
     """Input-gradient kernels (flipped in space, in and out swapped) for every convolution, Winograd kernels (G g Gᵀ,
     checked in float64 NumPy) also for 3 x 3 convolutions with at least WINOGRAD_MIN_CHANNELS inputs."""
     rng = np.random.default_rng(4)

@@ -329,10 +329,7 @@ def _winograd_conv(x: jax.Array, transformed: jax.Array, input_grad: bool) -> ja
     contract = 2 if input_grad else 1
     m = jax.lax.dot_general(v, u, (((2,), (contract,)), ((0,), (0,))))
     m = m.reshape(4, 4, n, h // 2, w // 2, m.shape[-1])
-    products = [[None] * 4 for _ in range(4)]
-    for i, a in enumerate(order):
-        for j, b in enumerate(order):
-            products[a][b] = m[i, j]
+    products = [[m[order[a], order[b]] for b in range(4)] for a in range(4)]  # the permutation is its own inverse
     # Aᵀ over the row axis a for every b, then over b: out_rows[r][s] is output pixel (2i + r, 2j + s) of tile (i, j).
     by_row = zip(*[_output_transform_1d(*(products[a][b] for a in range(4))) for b in range(4)])
     out_rows = [jnp.stack(_output_transform_1d(*row), axis=3) for row in by_row]  # (N, H/2, W/2, 2, C) each
