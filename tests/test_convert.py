@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from foa_jax import params as P
 from foa_jax import sampling
 from foa_jax.models import flux2, vae
-from ports import convert
+from ports import convert, torch_models
 from tests import torch_reference
 
 T_CONFIG = flux2.Flux2Config(**torch_reference.SMALL_TRANSFORMER)
@@ -24,7 +24,7 @@ V_CONFIG = vae.VAEConfig(**torch_reference.SMALL_VAE)
 
 @pytest.fixture(scope="module")
 def models():
-    return torch_reference.tiny_transformer(T_CONFIG, seed=3), torch_reference.tiny_vae(V_CONFIG, seed=4)
+    return torch_models.seeded_transformer(T_CONFIG, seed=3), torch_models.seeded_vae(V_CONFIG, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +164,12 @@ def test_each_kind_of_mismatch_fails_alone(tmp_path, models, damage):
 
 def test_single_file_preset_is_detected_or_refused(tmp_path):
     tiny = flux2.preset("tiny")
-    model = torch_reference.tiny_transformer(tiny, seed=1)
+    model = torch_models.seeded_transformer(tiny, seed=1)
     path, _ = _single_file(tmp_path, _state(model), "tiny.safetensors")
     params, config, _ = convert.convert(path)
     assert config == tiny
     assert P.count(params) == flux2.param_count(tiny)
-    path, _ = _single_file(tmp_path, {k: v.detach().numpy() for k, v in torch_reference.tiny_transformer(
+    path, _ = _single_file(tmp_path, {k: v.detach().numpy() for k, v in torch_models.seeded_transformer(
         T_CONFIG).state_dict().items()}, "custom.safetensors")
     with pytest.raises(convert.CheckpointMismatch, match="matches no transformer preset"):
         convert.convert(path)

@@ -8,6 +8,7 @@ import torch
 from diffusers import Flux2Pipeline
 
 from foa_jax.models import flux2
+from ports import torch_models
 from tests import torch_reference
 
 CONFIG = flux2.Flux2Config(**torch_reference.SMALL_TRANSFORMER)
@@ -35,7 +36,7 @@ def _inputs(num_refs, text_len, seed=0):
 
 @pytest.fixture(scope="module")
 def torch_model():
-    return torch_reference.tiny_transformer(CONFIG, seed=0, dtype=torch.float64)
+    return torch_models.seeded_transformer(CONFIG, seed=0, dtype=torch.float64)
 
 
 def _torch_forward(model, x, ctx, img_ids, txt_ids, guidance):
@@ -57,7 +58,7 @@ def test_parity_with_diffusers(torch_model, num_refs, text_len, guidance, precis
     expected = _torch_forward(torch_model, x, ctx, img_ids, txt_ids, guidance)
     np_dtype = np.dtype(precision)
     with jax.enable_x64(precision == "float64"):
-        params = torch_reference.jax_params(torch_model, lambda: flux2.init(CONFIG, jax.random.key(0)),
+        params = torch_models.jax_params(torch_model, lambda: flux2.init(CONFIG, jax.random.key(0)),
                                             flux2.STACKS, dtype=np_dtype)
         config = CONFIG.replace(dtype=precision)
         g = None if guidance is None else jnp.full((len(TIMESTEPS),), guidance, np_dtype)
@@ -74,7 +75,7 @@ def test_parity_with_diffusers(torch_model, num_refs, text_len, guidance, precis
 
 def test_remat_and_bf16_agree_with_float32(torch_model):
     x, ctx, img_ids, txt_ids = _inputs(1, 9)
-    params = torch_reference.jax_params(torch_model, lambda: flux2.init(CONFIG, jax.random.key(0)), flux2.STACKS)
+    params = torch_models.jax_params(torch_model, lambda: flux2.init(CONFIG, jax.random.key(0)), flux2.STACKS)
     run = jax.jit(flux2.apply, static_argnums=1)
     ref = run(params, CONFIG, x, ctx, TIMESTEPS, img_ids, txt_ids)
     remat = run(params, CONFIG.replace(remat="full"), x, ctx, TIMESTEPS, img_ids, txt_ids)
@@ -311,7 +312,7 @@ def test_forward_and_gradients_match_diffusers_with_many_attention_chunks(torch_
     assert flux2._attention_plan(len(TIMESTEPS), 2, seq, seq, 8, flux2.SCORE_BUDGET_BYTES) == (1, 8, False)
     with jax.enable_x64(True):
         template = lambda: flux2.init(CONFIG, jax.random.key(0))  # noqa: E731
-        params = torch_reference.jax_params(torch_model, template, flux2.STACKS, dtype=np.float64)
+        params = torch_models.jax_params(torch_model, template, flux2.STACKS, dtype=np.float64)
         expected_grads = convert.from_state_dict(jax.eval_shape(template), torch_grads, flux2.STACKS, np.float64)
         config = CONFIG.replace(dtype="float64", remat="full")
 

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from foa_jax import lora, sampling
 from foa_jax.models import flux2
-from ports import convert, lora_io
+from ports import convert, lora_io, torch_models
 from tests import torch_reference
 
 CONFIG = flux2.Flux2Config(**torch_reference.SMALL_TRANSFORMER)
@@ -58,8 +58,8 @@ def _torch_forward(model):
 
 def _base():
     """A seeded tiny diffusers transformer and its foa-jax parameters (converted before any adapter is added)."""
-    model = torch_reference.tiny_transformer(CONFIG, seed=0)
-    params = torch_reference.jax_params(model, lambda: flux2.init(CONFIG, jax.random.key(0)), flux2.STACKS)
+    model = torch_models.seeded_transformer(CONFIG, seed=0)
+    params = torch_models.jax_params(model, lambda: flux2.init(CONFIG, jax.random.key(0)), flux2.STACKS)
     return model, params
 
 
@@ -103,7 +103,7 @@ def test_export_loads_in_diffusers_with_the_same_outputs(tmp_path, targets, alph
     assert model.peft_config["default_0"].r == RANK
     _assert_matches(expected, _torch_forward(model), base_out, f"{targets} alpha={alpha} load_lora_adapter")
 
-    other = torch_reference.tiny_transformer(CONFIG, seed=0)
+    other = torch_models.seeded_transformer(CONFIG, seed=0)
     _load_via_pipeline_mixin(other, file)
     _assert_matches(expected, _torch_forward(other), base_out, f"{targets} alpha={alpha} pipeline loader")
 

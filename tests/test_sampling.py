@@ -56,13 +56,14 @@ def test_three_step_sampling_with_a_reference_matches_the_pipeline():
     from skimage import data
 
     from foa_jax.models import flux2, vae
+    from ports import torch_models
     from tests import torch_reference
 
     # The VAE's 2x2-patchified latents must be the transformer's input: latent_channels = in_channels / 4.
     t_config = flux2.Flux2Config(**torch_reference.SMALL_TRANSFORMER)
     v_config = vae.VAEConfig(**{**torch_reference.SMALL_VAE, "latent_channels": t_config.in_channels // 4})
-    transformer = torch_reference.tiny_transformer(t_config, seed=5)
-    autoencoder = torch_reference.tiny_vae(v_config, seed=6)
+    transformer = torch_models.seeded_transformer(t_config, seed=5)
+    autoencoder = torch_models.seeded_vae(v_config, seed=6)
     pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
                          vae=autoencoder, text_encoder=None, tokenizer=None, transformer=transformer)
     photo = data.astronaut()[100:164, 180:276]  # 64 x 96: the pipeline refuses images under 64 px
@@ -75,8 +76,8 @@ def test_three_step_sampling_with_a_reference_matches_the_pipeline():
         expected = pipe(image=[Image.fromarray(photo)], prompt_embeds=prompt, latents=noise, height=height,
                         width=width, num_inference_steps=3, guidance_scale=4.0, output_type="latent").images.numpy()
 
-    t_params = torch_reference.jax_params(transformer, lambda: flux2.init(t_config, jax.random.key(0)), flux2.STACKS)
-    v_params = torch_reference.jax_params(autoencoder, lambda: vae.init(v_config, jax.random.key(0)))
+    t_params = torch_models.jax_params(transformer, lambda: flux2.init(t_config, jax.random.key(0)), flux2.STACKS)
+    v_params = torch_models.jax_params(autoencoder, lambda: vae.init(v_config, jax.random.key(0)))
     reference = vae.encode_tokens(v_params, v_config, (photo[None].astype(np.float32) / 255.0) * 2 - 1)
     latents = Flux2Pipeline._pack_latents(noise).numpy()
     ours = sampling.sample(
