@@ -1,26 +1,33 @@
-"""Strict, streaming conversion of FLUX.2 checkpoints (diffusers or BFL format) to foa-jax parameter trees.
+"""Strict, streaming conversion of FLUX.2 checkpoints (diffusers or BFL format) to foa-jax parameter trees, and back.
 
-    python -m ports.convert SRC --out DIR [--dtype bfloat16|float32] [--kind auto|transformer|vae]
-                            [--config CONFIG.json | --preset NAME]
+    python -m ports.convert SRC --out DIR [--dtype bfloat16|float16|float32] [--kind auto|transformer|vae]
+                            [--config CONFIG.json | --preset NAME] [--force]
 
 SRC is a diffusers model folder (`config.json` + `diffusion_pytorch_model*.safetensors`, sharded with its index json
 or not), a diffusers pipeline folder (its `transformer/` and `vae/` are both converted), or one `.safetensors` file in
 diffusers or Black Forest Labs format (`flux2-dev.safetensors`, `ae.safetensors`, with or without the
-`model.diffusion_model.` prefix). The output is an orbax checkpoint plus `foa_config.json` per model.
+`model.diffusion_model.` prefix). The output is an orbax checkpoint plus `foa_config.json` per model, in bfloat16
+unless `--dtype` says otherwise.
 
 The mapping is derived from the JAX parameter template (`jax.eval_shape` of the model's `init`) through the naming
 rule of `foa_jax.params`, so every expected key, shape and transform is known before a tensor is read: a conversion
 either produces every parameter from the checkpoint or fails listing every missing, unexpected and mis-shaped key;
-nothing is zero-filled. Tensors are read one at a time and written into preallocated output arrays, so peak host
-memory is the output plus about one tensor.
+nothing is zero-filled. The CLI builds the parameters a group of leaves at a time and saves each group before
+building the next, so peak host memory is about one group (at least the largest leaf, a whole block stack) plus one
+source tensor plus orbax's write buffers, not the whole output; it measures and prints its own peak.
+
+`save_diffusers` goes the other way: a diffusers model folder that `from_pretrained` and `load` both read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import itertools
 import json
 import re
-import resource
+import shutil
 import struct
 import sys
 import time
@@ -39,11 +46,32 @@ from foa_jax.models import flux2, vae
 IGNORED_TORCH_KEYS = ("bn.num_batches_tracked",)
 BFL_PREFIX = "model.diffusion_model."
 FOA_CONFIG = "foa_config.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+# Leaves are saved in groups of about this many bytes (a larger leaf alone): each orbax partial save costs a
+# fixed time that grows with the saves before it, so one per leaf is slow for the VAE's ~190 small leaves.
+GROUP_BYTES = 32 * 2**20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
-class CheckpointMismatch(ValueError):
+class ConversionError(ValueError):
+    """A checkpoint or a conversion request the user can fix; the CLI prints `summary` and exits with status 2."""
+
+    @property
+    def summary(self) -> str:
+        return " ".join(str(self).split())
+
+
+class CheckpointMismatch(ConversionError):
     """A checkpoint does not match the model: lists every missing, unexpected and mis-shaped key."""
+
+    def __init__(self, message: str, summary: str | None = None):
+        super().__init__(message)
+        self._summary = summary
+
+    @property
+    def summary(self) -> str:
+        return self._summary or super().summary
 
 
 # ------------------------------------------------------------------------------------------------- the two models
@@ -54,6 +82,7 @@ class ModelKind:
     """What conversion needs to know about one model family."""
 
     name: str
+    diffusers_class: str
     config_from_diffusers: Callable[[dict], object]
     presets: Mapping[str, object]
     init: Callable
@@ -65,9 +94,10 @@ class ModelKind:
 
 
 KINDS = {
-    "transformer": ModelKind("transformer", flux2.Flux2Config.from_diffusers, flux2.PRESETS, flux2.init,
-                             flux2.STACKS, "single_stream_modulation.lin.weight"),
-    "vae": ModelKind("vae", vae.VAEConfig.from_diffusers, vae.PRESETS, vae.init, (), "decoder.up.0.block.0.conv1.weight"),
+    "transformer": ModelKind("transformer", "Flux2Transformer2DModel", flux2.Flux2Config.from_diffusers,
+                             flux2.PRESETS, flux2.init, flux2.STACKS, "single_stream_modulation.lin.weight"),
+    "vae": ModelKind("vae", "AutoencoderKLFlux2", vae.VAEConfig.from_diffusers, vae.PRESETS, vae.init, (),
+                     "decoder.up.0.block.0.conv1.weight"),
 }
 
 
@@ -108,39 +138,53 @@ def mismatches(slots: Mapping[str, Slot], shapes: Mapping[str, tuple]) -> dict[s
 
 
 def check_keys(slots: Mapping[str, Slot], shapes: Mapping[str, tuple], source: str) -> None:
-    """Raise `CheckpointMismatch` naming every missing, unexpected and mis-shaped key at once."""
-    found = mismatches(slots, shapes)
-    if any(found.values()):
+    """Raise `CheckpointMismatch` naming every missing, unexpected and mis-shaped key at once (and, for one line,
+    their counts with the first few of each)."""
+    found = {title: keys for title, keys in mismatches(slots, shapes).items() if keys}
+    if found:
         parts = [f"{source} does not match the model:"]
-        parts += [f"  {len(keys)} {title}:\n    " + "\n    ".join(keys) for title, keys in found.items() if keys]
-        raise CheckpointMismatch("\n".join(parts))
+        parts += [f"  {len(keys)} {title}:\n    " + "\n    ".join(keys) for title, keys in found.items()]
+        summary = "; ".join(f"{len(keys)} {title} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                            for title, keys in found.items())
+        raise CheckpointMismatch("\n".join(parts), f"{source} does not match the model: {summary}")
 
 
-def fill(template: dict, slots: Mapping[str, Slot], tensors: Iterable[tuple[str, Callable[[], np.ndarray]]],
-         dtype) -> dict:
-    """Build the parameter tree by streaming `(diffusers key, loader)` pairs into preallocated output arrays.
-
-    Each loader materialises one tensor; it is transformed, cast and written into its slot, then dropped. Keys must
-    already have passed `check_keys`; a key delivered twice or never is still caught here.
-    """
-    out = {path: np.empty(leaf.shape, dtype=dtype) for path, leaf in P.flatten(template).items()}
-    written: dict[str, set] = {path: set() for path in out}
-    for key, load in tensors:
-        if key in IGNORED_TORCH_KEYS:
-            continue
-        slot = slots[key]
-        value = P.from_torch_layout(slot.path, np.asarray(load()))
-        if slot.layer is None:
-            out[slot.path][...] = value
-        else:
-            out[slot.path][slot.layer] = value
-        written[slot.path].add(slot.layer)
+def leaf_groups(template: dict, itemsize: int, budget: int = GROUP_BYTES) -> list[list[str]]:
+    """The template's leaf paths in order, cut into runs of at most `budget` bytes (a larger leaf alone)."""
+    groups, size = [[]], 0
     for path, leaf in P.flatten(template).items():
-        expected = set(range(leaf.shape[0])) if any(s.path == path and s.layer is not None for s in slots.values()) \
-            else {None}
-        if written[path] != expected:
-            raise CheckpointMismatch(f"{path}: layers {sorted(expected - written[path], key=str)} were never written")
-    return P.unflatten(out)
+        nbytes = int(np.prod(leaf.shape)) * itemsize
+        if groups[-1] and size + nbytes > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += nbytes
+    return groups
+
+
+def build_leaves(template: dict, slots: Mapping[str, Slot], paths: Iterable[str], read: Callable[[str], object],
+                 dtype) -> dict[str, np.ndarray]:
+    """`{path: array}` for the leaves `paths` of `template`, each torch tensor read (`read(diffusers key)`),
+    transformed, cast and written into its slot of a preallocated output, then dropped.
+
+    Keys must already have passed `check_keys`, so every slot has its tensor and every output is fully written.
+    """
+    keys = {}
+    for key, slot in slots.items():
+        keys.setdefault(slot.path, []).append(key)
+    flat = P.flatten(template)
+    out = {}
+    for path in paths:
+        out[path] = np.empty(flat[path].shape, dtype=dtype)
+        for key in keys[path]:
+            slot = slots[key]
+            out[path][... if slot.layer is None else slot.layer] = P.from_torch_layout(path, np.asarray(read(key)))
+    return out
+
+
+def fill(template: dict, slots: Mapping[str, Slot], read: Callable[[str], object], dtype) -> dict:
+    """The whole parameter tree in memory, every leaf built by `build_leaves`."""
+    return P.unflatten(build_leaves(template, slots, P.flatten(template), read, dtype))
 
 
 def from_state_dict(template: dict, state_dict: Mapping[str, object], stacks: Iterable[str] = (), dtype=np.float32,
@@ -148,7 +192,7 @@ def from_state_dict(template: dict, state_dict: Mapping[str, object], stacks: It
     """Convert an in-memory diffusers-format state dict (numpy arrays or torch tensors) to a parameter tree."""
     slots = plan(template, stacks)
     check_keys(slots, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
-    return fill(template, slots, ((k, lambda v=v: to_numpy(v)) for k, v in state_dict.items()), dtype)
+    return fill(template, slots, lambda key: to_numpy(state_dict[key]), dtype)
 
 
 def to_state_dict(params: dict, stacks: Iterable[str] = ()) -> dict[str, np.ndarray]:
@@ -357,6 +401,9 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple:
         return tuple(self.entries[key]["shape"])
 
+    def itemsize(self, key: str) -> int:
+        return np.dtype(self.DTYPES[self.entries[key]["dtype"]]).itemsize
+
     def read(self, key: str) -> np.ndarray:
         entry = self.entries[key]
         begin, _ = entry["data_offsets"]
@@ -367,59 +414,61 @@ class SafetensorsFile:
         return out
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """Where a diffusers key's tensor lives: its file and raw key, and the BFL op and part that turn it into ours."""
+
+    file: SafetensorsFile
+    raw: str
+    op: str | None
+    part: int
+    shape: tuple
+
+
 class SafetensorsSource:
     """Lazy, key-by-key access to one or more `.safetensors` files, in diffusers or BFL naming.
 
-    `shapes()` reads only headers; `tensors()` yields `(diffusers key, loader)` pairs in file order, each loader
-    materialising a single tensor (a fused BFL qkv is read once and yields its three thirds).
+    `shapes()` reads only headers; `read(key)` materialises the one tensor a diffusers key names (the third of a fused
+    BFL qkv reads the fused tensor, so each of its three parts reads it once).
     """
 
     def __init__(self, files: list[Path], kind: ModelKind, up_blocks: int = 4):
         self.files, self.kind, self.up_blocks = files, kind, up_blocks
-        self._files = [SafetensorsFile(f) for f in files]
-        raw_keys = [k for f in self._files for k in f.keys()]
+        opened = [SafetensorsFile(f) for f in files]
+        raw_keys = [k for f in opened for k in f.keys()]
         self.prefix = BFL_PREFIX if raw_keys and all(k.startswith(BFL_PREFIX) for k in raw_keys) else ""
-        names = {k[len(self.prefix):] for k in raw_keys}
-        self.is_bfl = kind.bfl_marker in names
-        self.rules = TRANSFORMER_BFL_RULES if kind.name == "transformer" else VAE_BFL_RULES
+        self.is_bfl = kind.bfl_marker in {k[len(self.prefix):] for k in raw_keys}
+        rules = TRANSFORMER_BFL_RULES if kind.name == "transformer" else VAE_BFL_RULES
+        self.entries: dict[str, _Entry] = {}
+        for file in opened:
+            for raw in file.keys():
+                name = raw[len(self.prefix):]
+                targets, op = bfl_to_diffusers_names(name, rules, up_blocks) if self.is_bfl else ([name], None)
+                targets = targets or [f"<BFL key without a diffusers name> {name}"]
+                for part, (target, shape) in enumerate(zip(targets, _bfl_shapes(file.shape(raw), op, len(targets)))):
+                    self.entries[target] = _Entry(file, raw, op, part, shape)
 
     @property
     def name(self) -> str:
         return ", ".join(str(f) for f in self.files) + (" (BFL format)" if self.is_bfl else "")
 
-    def _entries(self) -> Iterator[tuple[str, SafetensorsFile, str]]:
-        for file in self._files:
-            for key in file.keys():
-                yield key[len(self.prefix):], file, key
-
-    def _mapped(self, name: str) -> tuple[list[str], str | None]:
-        if not self.is_bfl:
-            return [name], None
-        targets, op = bfl_to_diffusers_names(name, self.rules, self.up_blocks)
-        return (targets or [f"<BFL key without a diffusers name> {name}"]), op
-
     def shapes(self) -> dict[str, tuple]:
-        out = {}
-        for name, file, raw in self._entries():
-            targets, op = self._mapped(name)
-            for target, target_shape in zip(targets, _bfl_shapes(file.shape(raw), op, len(targets))):
-                out[target] = target_shape
-        return out
+        return {key: entry.shape for key, entry in self.entries.items()}
 
-    def tensors(self) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-        for name, file, raw in self._entries():
-            targets, op = self._mapped(name)
-            values = _bfl_values(file.read(raw), op, len(targets))
-            for target, value in zip(targets, values):
-                yield target, (lambda v=value: v)
-            del values
+    def nbytes(self, key: str) -> int:
+        entry = self.entries[key]
+        return int(np.prod(entry.shape)) * entry.file.itemsize(entry.raw)
+
+    def read(self, key: str) -> np.ndarray:
+        entry = self.entries[key]
+        return _bfl_values(entry.file.read(entry.raw), entry.op, 3 if entry.op == "split" else 1)[entry.part]
 
 
 def _model_files(folder: Path) -> list[Path]:
     """The safetensors shards of a diffusers model folder, from its index json when sharded."""
     indices = sorted(folder.glob("*.safetensors.index.json"))
     if indices:
-        weight_map = json.loads(indices[0].read_text())["weight_map"]
+        weight_map = _read_json(indices[0])["weight_map"]
         files = sorted({folder / name for name in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -431,14 +480,40 @@ def _model_files(folder: Path) -> list[Path]:
     return files
 
 
-def _config_for(kind: ModelKind, source: SafetensorsSource, config_json: dict | None, preset: str | None):
-    """The model config: the folder's/user's diffusers config, a named preset, or the preset whose shapes match."""
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON: {err}") from err
+
+
+def _detect_kind(files: list[Path], config_json: dict | None) -> tuple[ModelKind, str]:
+    """The model a checkpoint holds, and the evidence: the config's `_class_name`, else the key names."""
+    for kind in KINDS.values():
+        if config_json and config_json.get("_class_name") == kind.diffusers_class:
+            return kind, f"its config's _class_name is {kind.diffusers_class}"
+    keys = {k.removeprefix(BFL_PREFIX) for k in SafetensorsFile(files[0]).keys()}
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return KINDS["vae"], "its keys start with encoder. and decoder."
+    return KINDS["transformer"], "no key starts with encoder. or decoder."
+
+
+def _declared_config(kind: ModelKind, config_json: dict | None, config_file: Path | None, preset: str | None):
+    """The config the user or the folder gives (a diffusers config.json or a preset name), or None."""
     if config_json is not None:
-        return kind.config_from_diffusers(config_json)
+        try:
+            return kind.config_from_diffusers(config_json)
+        except (TypeError, ValueError) as err:
+            raise ConversionError(f"{config_file} is not a {kind.diffusers_class} config: {err}") from err
     if preset is not None:
         if preset not in kind.presets:
-            raise ValueError(f"unknown {kind.name} preset {preset!r}; known: {sorted(kind.presets)}")
+            raise ConversionError(f"unknown {kind.name} preset {preset!r}; known: {sorted(kind.presets)}")
         return kind.presets[preset]
+    return None
+
+
+def _matching_preset(kind: ModelKind, source: SafetensorsSource):
+    """The preset whose shapes the checkpoint has; else a mismatch against the closest preset."""
     shapes = source.shapes()
     scored = []
     for name, config in kind.presets.items():
@@ -454,64 +529,125 @@ def _config_for(kind: ModelKind, source: SafetensorsSource, config_json: dict | 
 
 
 def open_source(path: Path, kind_name: str, config_path: Path | None = None, preset: str | None = None):
-    """(kind, config, source) for a model folder or a single file."""
+    """(kind, config, source) for a model folder or a single file; a `kind_name` the checkpoint contradicts is an
+    error that says what it holds."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    config_json = json.loads(Path(config_path).read_text()) if config_path else None
+    if config_path:
+        config_file = Path(config_path)
+    elif path.is_dir() and (path / "config.json").exists():
+        config_file = path / "config.json"
+    else:
+        config_file = None
+    config_json = _read_json(config_file) if config_file else None
     files = [path] if path.is_file() else _model_files(path)
-    if path.is_dir() and config_json is None and (path / "config.json").exists():
-        config_json = json.loads((path / "config.json").read_text())
-    kind = KINDS[kind_name] if kind_name != "auto" else _detect_kind(files, config_json)
-    up_blocks = len(config_json["block_out_channels"]) if kind.name == "vae" and config_json else 4
-    if kind.name == "vae" and preset and preset in kind.presets:
-        up_blocks = len(kind.presets[preset].block_out_channels)
+    kind, evidence = _detect_kind(files, config_json)
+    if kind_name not in ("auto", kind.name):
+        raise ConversionError(f"{path} holds a {kind.name} checkpoint ({evidence}), not a {kind_name}: pass "
+                              f"--kind {kind.name} or --kind auto")
+    config = _declared_config(kind, config_json, config_file, preset)
+    up_blocks = len(config.block_out_channels) if kind.name == "vae" and config is not None else 4
     source = SafetensorsSource(files, kind, up_blocks)
-    return kind, _config_for(kind, source, config_json, preset), source
+    return kind, config if config is not None else _matching_preset(kind, source), source
 
 
-def _detect_kind(files: list[Path], config_json: dict | None) -> ModelKind:
-    if config_json and config_json.get("_class_name") == "Flux2Transformer2DModel":
-        return KINDS["transformer"]
-    if config_json and config_json.get("_class_name") == "AutoencoderKLFlux2":
-        return KINDS["vae"]
-    keys = {k.removeprefix(BFL_PREFIX) for k in SafetensorsFile(files[0]).keys()}
-    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
-        return KINDS["vae"]
-    return KINDS["transformer"]
+@dataclass(frozen=True)
+class Conversion:
+    """A checkpoint checked against its model: every slot of the template has its tensor, with the right shape."""
+
+    model: ModelKind
+    config: object
+    source: SafetensorsSource
+    template: dict
+    slots: dict[str, Slot]
+
+    def groups(self, dtype, read: Callable[[str], np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The parameters as `{path: array}` groups (`leaf_groups`), each built only when asked for; `read`
+        (default: the source's) lets a caller watch every tensor go by."""
+        for paths in leaf_groups(self.template, np.dtype(dtype).itemsize):
+            yield build_leaves(self.template, self.slots, paths, read or self.source.read, dtype)
 
 
-def convert(path, kind: str = "auto", dtype="float32", config_path=None, preset=None):
-    """Read a checkpoint -> (params, config), streaming tensor by tensor, strictly."""
+def open_conversion(path, kind: str = "auto", config_path=None, preset=None) -> Conversion:
+    """Open a checkpoint and check every key and shape before a tensor is read."""
     model, config, source = open_source(Path(path), kind, config_path, preset)
     template = model.template(config)
     slots = plan(template, model.stacks)
     check_keys(slots, source.shapes(), source.name)
-    params = fill(template, slots, source.tensors(), DTYPES[dtype] if isinstance(dtype, str) else dtype)
-    return params, config, model
+    return Conversion(model, config, source, template, slots)
+
+
+def convert(path, kind: str = "auto", dtype="float32", config_path=None, preset=None):
+    """Read a checkpoint -> (params, config, model) in memory, tensor by tensor, strictly."""
+    conversion = open_conversion(path, kind, config_path, preset)
+    params = fill(conversion.template, conversion.slots, conversion.source.read,
+                  DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    return params, conversion.config, conversion.model
 
 
 # ------------------------------------------------------------------------------------------------ converted folders
 
 
-def save(out_dir: Path, params: dict, config, model: ModelKind, source: str) -> Path:
-    """Write an orbax checkpoint of `params` and `foa_config.json` describing it."""
-    import orbax.checkpoint as ocp
+def write_params(folder: Path, groups: Iterable[Mapping[str, object]]) -> None:
+    """Write `{path: array}` groups as one orbax checkpoint at `folder`, each group saved (and free to be dropped)
+    before the next is asked for.
 
+    It is written under another name beside `folder` and renamed when complete, so an interrupted write never
+    leaves a checkpoint that loads; a leftover of one is removed first, since orbax would add to it. (Not a hidden
+    name: orbax finds its pending saves with a glob that skips those.)
+    """
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    folder = Path(folder).absolute()
+    staging = folder.with_name(f"{folder.name}.writing")
+    for leftover in folder.parent.glob(f"{staging.name}*"):  # orbax stages partial saves under a suffix
+        shutil.rmtree(leftover)
+    context = ocp.Context()
+    context.memory.deepcopy_host_arrays = False  # nothing changes a leaf while it is written: no copy needed
+    # zstd holds a compressed copy of each array while writing it, about one more leaf of host memory; the disk it
+    # saves is the cheaper resource.
+    context.array.saving.use_compression = False
+    with context:
+        for group in groups:
+            ocp.partial.save(staging, P.unflatten(dict(group)))
+        ocp.partial.finalize(staging)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+
+
+def _write_meta(out_dir: Path, model: ModelKind, config, dtype, num_parameters: int, source: str) -> None:
+    meta = {"kind": model.name, "config": config.to_diffusers(), "dtype": str(np.dtype(dtype)), "source": source,
+            "num_parameters": num_parameters}
+    (out_dir / FOA_CONFIG).write_text(json.dumps(meta, indent=2, default=list))
+
+
+def save(out_dir: Path, params: dict, config, model: ModelKind, source: str) -> Path:
+    """Write an orbax checkpoint of `params` (already in memory: one group) and `foa_config.json` describing it."""
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out_dir / "params", params, force=True)
-    leaves = P.flatten(params)
-    meta = {
-        "kind": model.name,
-        "config": config.to_diffusers(),
-        "dtype": str(next(iter(leaves.values())).dtype),
-        "source": source,
-        "num_parameters": P.count(params),
-    }
-    (out_dir / FOA_CONFIG).write_text(json.dumps(meta, indent=2, default=list))
+    flat = P.flatten(params)
+    write_params(out_dir / "params", [flat])
+    _write_meta(out_dir, model, config, next(iter(flat.values())).dtype, P.count(params), source)
     return out_dir
+
+
+def save_conversion(out_dir: Path, conversion: Conversion, dtype, source: str,
+                    read: Callable[[str], np.ndarray] | None = None) -> Path:
+    """Convert and write in one pass: each leaf group is built, saved and dropped before the next is read, so the
+    whole parameter tree is never in memory."""
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_params(out_dir / "params", conversion.groups(dtype, read))
+    _write_meta(out_dir, conversion.model, conversion.config, dtype, P.count(conversion.template), source)
+    return out_dir
+
+
+def _kind(name: str) -> ModelKind:
+    if name not in KINDS:
+        raise ValueError(f"unknown model kind {name!r}; known: {sorted(KINDS)}")
+    return KINDS[name]
 
 
 def load(path, kind: str, dtype=None):
@@ -520,6 +656,9 @@ def load(path, kind: str, dtype=None):
     A converted checkpoint is checked against the template its config implies before restoring, so a checkpoint of
     another preset or a damaged one fails naming the mismatching arrays.
     """
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    model = _kind(kind)
     path = Path(path).absolute()  # orbax reads no metadata through a relative path
     if path.is_dir() and (path / kind).is_dir() and not (path / FOA_CONFIG).exists() and \
             not (path / "config.json").exists():
@@ -527,30 +666,26 @@ def load(path, kind: str, dtype=None):
     if not (path / FOA_CONFIG).exists():
         params, config, _ = convert(path, kind, dtype or "float32")
         return params, config
-    import orbax.checkpoint as ocp
-
-    meta = json.loads((path / FOA_CONFIG).read_text())
+    meta = _read_json(path / FOA_CONFIG)
     if meta.get("kind") != kind:
         raise CheckpointMismatch(f"{path} holds a {meta.get('kind')!r} checkpoint, expected {kind!r}")
-    model = KINDS[kind]
     config = model.config_from_diffusers(meta["config"])
-    stored_dtype = meta["dtype"]
     template = model.template(config)
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(path / "params").item_metadata
-        stored_shapes = {k: tuple(v.shape) for k, v in P.flatten(dict(stored)).items()}
-        expected = {k: tuple(v.shape) for k, v in P.flatten(template).items()}
-        problems = {
-            "missing": sorted(set(expected) - set(stored_shapes)),
-            "unexpected": sorted(set(stored_shapes) - set(expected)),
-            "wrong shape": sorted(f"{k}: checkpoint {stored_shapes[k]}, config expects {expected[k]}"
-                                  for k in set(expected) & set(stored_shapes) if expected[k] != stored_shapes[k]),
-        }
-        if any(problems.values()):
-            raise CheckpointMismatch(f"{path / 'params'} does not match its {FOA_CONFIG}:\n" + "\n".join(
-                f"  {len(v)} {k}: {v}" for k, v in problems.items() if v))
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(stored_dtype)), template)
-        params = checkpointer.restore(path / "params", target)
+    stored = {k: tuple(v.shape) for k, v in P.flatten(dict(ocp.metadata(path / "params").metadata)).items()}
+    expected = {k: tuple(v.shape) for k, v in P.flatten(template).items()}
+    problems = {
+        "missing": sorted(set(expected) - set(stored)),
+        "unexpected": sorted(set(stored) - set(expected)),
+        "wrong shape": sorted(f"{k}: checkpoint {stored[k]}, config expects {expected[k]}"
+                              for k in set(expected) & set(stored) if expected[k] != stored[k]),
+    }
+    if any(problems.values()):
+        raise CheckpointMismatch(f"{path / 'params'} does not match its {FOA_CONFIG}:\n" + "\n".join(
+            f"  {len(v)} {k}: {v}" for k, v in problems.items() if v))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(meta["dtype"]), sharding=device),
+                          template)
+    params = ocp.load(path / "params", target)
     if dtype is not None:
         params = jax.tree.map(lambda a: a.astype(dtype), params)
     return params, config
@@ -566,49 +701,165 @@ def load_vae(path, dtype=None):
     return load(path, "vae", dtype)
 
 
+# ------------------------------------------------------------------------------------------------ diffusers folders
+
+
+def save_diffusers(out_dir, params: dict, config, kind: str) -> Path:
+    """Write a diffusers model folder (`config.json`, `diffusion_pytorch_model.safetensors` in torch layout and the
+    parameters' dtype) that diffusers' `from_pretrained` and `load` both read: the way back to torch."""
+    from safetensors.numpy import save_file
+
+    model = _kind(kind)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = to_state_dict(params, model.stacks)
+    if "bn.running_mean" in state:  # torch's BatchNorm also keeps a step counter, which our tree has no use for
+        state["bn.num_batches_tracked"] = np.zeros((), np.int64)
+    save_file({key: np.require(value, requirements="C") for key, value in state.items()}, out_dir / DIFFUSERS_WEIGHTS)
+    (out_dir / "config.json").write_text(json.dumps({"_class_name": model.diffusers_class, **config.to_diffusers()},
+                                                    indent=2, default=list))
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class PeakMemory:
+    """This process's peak resident memory over a `with` block, from the kernel's own high-water mark.
+
+    Linux resets the mark on request (`/proc/self/clear_refs`), so the peak is the block's own, spikes included
+    (sampling RSS misses them); elsewhere `peak_mib` stays None rather than report the whole process's life.
+    """
+
+    def __enter__(self):
+        self.start_mib = self.peak_mib = None
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return self
+        self.start_mib = self._status_mib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.start_mib is not None:
+            self.peak_mib = self._status_mib("VmHWM") - self.start_mib
+
+    @staticmethod
+    def _status_mib(field: str) -> float:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)[1]) / 1024
 
 
-def _sources(src: Path, kind: str) -> list[tuple[Path, str]]:
-    """A pipeline folder expands to its transformer and vae; anything else is one source."""
+@contextlib.contextmanager
+def _progress(conversion: Conversion, desc: str) -> Iterator[Callable[[str], np.ndarray]]:
+    """A `read` that moves a tqdm bar on stderr for every tensor: bytes read of the total, time left, tensors."""
+    from tqdm import tqdm
+
+    source, slots = conversion.source, conversion.slots
+    done = itertools.count(1)
+    with tqdm(total=sum(source.nbytes(key) for key in slots), desc=desc, unit="B", unit_scale=True,
+              unit_divisor=1024, file=sys.stderr) as bar:
+        def read(key: str) -> np.ndarray:
+            value = source.read(key)
+            bar.set_postfix_str(f"{next(done)}/{len(slots)} tensors", refresh=False)
+            bar.update(value.nbytes)
+            return value
+
+        yield read
+
+
+def _convert_one(src: Path, kind: str, out: Path, args: argparse.Namespace) -> None:
+    """Convert one model into `out` behind a progress bar; then its size, time and measured peak host memory."""
+    import orbax.checkpoint.experimental.v1  # noqa: F401  (imported first: the peak is the conversion's alone)
+
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        conversion = open_conversion(src, kind, args.config, args.preset)
+        with _progress(conversion, conversion.model.name) as read:
+            save_conversion(out, conversion, dtype, str(src), read)
+    itemsize = np.dtype(dtype).itemsize
+    count = P.count(conversion.template)
+    output_mib = count * itemsize / 2**20
+    leaf_mib = max(int(np.prod(leaf.shape)) for leaf in P.flatten(conversion.template).values()) * itemsize / 2**20
+    tensor_mib = max(conversion.source.nbytes(key) for key in conversion.slots) / 2**20
+    print(f"{conversion.model.name}: {count:,} parameters ({args.dtype}) from {src} -> {out} in "
+          f"{time.perf_counter() - start:.1f} s")
+    if memory.peak_mib is None:
+        print("  peak host memory: not measured (it needs Linux's /proc/self/clear_refs)")
+    else:
+        print(f"  peak host memory {memory.peak_mib:.0f} MiB above the {memory.start_mib:.0f} MiB at start: "
+              f"{memory.peak_mib / output_mib:.2f}x the {output_mib:.0f} MiB written (largest leaf {leaf_mib:.0f} MiB, "
+              f"largest source tensor {tensor_mib:.0f} MiB)")
+
+
+def _sources(src: Path, kind: str, out: Path) -> list[tuple[Path, str, Path]]:
+    """(source, kind, output folder) per model: a pipeline folder expands to its transformer and vae."""
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
     if src.is_dir() and kind == "auto" and not (src / "config.json").exists():
-        parts = [(src / name, name) for name in ("transformer", "vae") if (src / name).is_dir()]
+        parts = [(src / name, name, out / name) for name in ("transformer", "vae") if (src / name).is_dir()]
         if parts:
             return parts
-    return [(src, kind)]
+    return [(src, kind, out)]
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConversionError(f"--out {out} exists and is not empty: pass --force to replace the checkpoint in it "
+                              f"(params/ and {FOA_CONFIG}), or choose another folder")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ports.convert", description=__doc__.split("\n\n")[0],
+        epilog="Peak host memory is about the largest parameter leaf (a whole block stack) plus one source tensor, "
+               "not the whole output; every run prints the peak it measured.")
+    parser.add_argument("src", type=Path, help="diffusers model or pipeline folder, or one .safetensors file")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (a pipeline gets out/transformer, out/vae)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="dtype of the written parameters (default: bfloat16, the dtype FLUX.2's weights are "
+                             "released in, at half the disk and host memory of float32; the models compute in their "
+                             "config's dtype either way). A float32 source is rounded: pass float32 to keep it exact")
+    parser.add_argument("--kind", choices=("auto", "transformer", "vae"), default="auto",
+                        help="which model SRC holds (default: from its config.json or key names)")
+    parser.add_argument("--config", type=Path, help="diffusers config.json for a single-file checkpoint")
+    parser.add_argument("--preset", help="preset name for a single-file checkpoint (default: the one whose shapes match)")
+    parser.add_argument("--force", action="store_true",
+                        help=f"replace the checkpoint (params/, {FOA_CONFIG}) in a non-empty --out; other files stay")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ports.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", type=Path, help="diffusers model or pipeline folder, or one .safetensors file")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (a pipeline gets out/transformer, out/vae)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--kind", choices=("auto", "transformer", "vae"), default="auto")
-    parser.add_argument("--config", type=Path, help="diffusers config.json for a single-file checkpoint")
-    parser.add_argument("--preset", help="preset name for a single-file checkpoint (default: the one whose shapes match)")
+    """The CLI: a problem the user can fix is one line on stderr and exit status 2, not a traceback."""
+    parser = _parser()
     args = parser.parse_args(argv)
-
-    sources = _sources(args.src, args.kind)
-    for src, kind in sources:
-        start_rss, start = _peak_rss_mb(), time.perf_counter()
-        params, config, model = convert(src, kind, args.dtype, args.config, args.preset)
-        after_convert = _peak_rss_mb()
-        out = args.out / model.name if len(sources) > 1 else args.out
-        save(out, params, config, model, str(src))
-        output_mb = sum(a.nbytes for a in P.flatten(params).values()) / 2**20
-        largest_mb = max(np.prod(s.torch_shape) for s in plan(params, model.stacks).values()) * 4 / 2**20
-        print(f"{model.name}: {P.count(params):,} parameters ({args.dtype}) from {src} -> {out} "
-              f"in {time.perf_counter() - start:.1f} s")
-        print(f"  peak host memory during conversion: {after_convert - start_rss:.1f} MiB above start "
-              f"(output {output_mb:.1f} MiB, largest tensor {largest_mb:.1f} MiB in float32); "
-              f"after saving: {_peak_rss_mb() - start_rss:.1f} MiB")
-        del params
+    try:
+        targets = _sources(args.src, args.kind, args.out)
+        for _, _, out in targets:
+            _check_output(out, args.force)
+        print(f"writing {args.dtype} parameters" + (" (the default; --dtype float32 keeps float32 weights exact)"
+                                                    if args.dtype == "bfloat16" else ""), flush=True)
+        for src, kind, out in targets:
+            _convert_one(src, kind, out, args)
+    except (ConversionError, FileNotFoundError) as err:
+        message = err.summary if isinstance(err, ConversionError) else " ".join(str(err).split())
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 
+def _map_large_blocks() -> None:
+    """Have glibc give every block of 1 MiB or more its own mapping, so that a freed tensor or leaf goes back to the
+    OS at once. Its default threshold rises to the largest block freed so far, and blocks below it then stay in the
+    heap: with a conversion's one-use buffers of every size, that kept about another leaf resident. A process-wide
+    setting, so only the CLI makes it; without glibc's `mallopt` it does nothing."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+
+
 if __name__ == "__main__":
+    _map_large_blocks()
     sys.exit(main())

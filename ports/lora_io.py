@@ -131,8 +131,7 @@ def import_lora(path, base, dtype=np.float32) -> tuple[dict, lora.LoRAConfig]:
     adapter = jax.eval_shape(lambda: lora.init(template, config, jax.random.key(0)))
     slots = convert.plan(adapter, flux2.STACKS)
     convert.check_keys(slots, shapes, f"{file} (LoRA rank {rank}, target set {targets!r})")
-    tree = convert.fill(adapter, slots, ((name, lambda raw=raw: tensors.read(raw)) for name, raw in names.items()),
-                        dtype)
+    tree = convert.fill(adapter, slots, lambda name: tensors.read(names[name]), dtype)
     return tree, config
 
 

@@ -76,7 +76,7 @@ def test_cli_converts_a_sharded_pipeline_and_loads_with_parity(tmp_path, pipelin
     out = tmp_path / "converted"
     result = subprocess.run([sys.executable, "-m", "ports.convert", str(pipeline_dir), "--out", str(out),
                              "--dtype", "float32"], capture_output=True, text=True, check=True)
-    assert "peak host memory during conversion" in result.stdout
+    assert "peak host memory" in result.stdout
     assert f"transformer: {flux2.param_count(T_CONFIG):,} parameters" in result.stdout
     params, config = convert.load_transformer(out)
     assert config == T_CONFIG
@@ -207,3 +207,168 @@ def test_a_saved_checkpoint_loads_through_a_relative_path(tmp_path, monkeypatch)
     assert loaded_config == config
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _run_cli(capsys, *argv):
+    """`python -m ports.convert` in this process: (exit status, stdout, stderr)."""
+    status = convert.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m ports.convert: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_help_states_the_output_dtype(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        convert.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: bfloat16, the dtype FLUX.2's weights are released in" in text
+    assert "--force" in text
+
+
+def test_cli_prints_the_dtype_a_progress_bar_and_its_peak_memory(tmp_path, pipeline_dir, capsys):
+    status, out, err = _run_cli(capsys, pipeline_dir / "transformer", "--out", tmp_path / "t")
+    assert status == 0
+    assert out.splitlines()[0].startswith("writing bfloat16 parameters (the default;")
+    tensors = len(convert.plan(jax.eval_shape(lambda: flux2.init(T_CONFIG, jax.random.key(0))), flux2.STACKS))
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("transformer: 100%") and f"{tensors}/{tensors} tensors" in final, err
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", final)  # elapsed < time left
+    assert re.search(r"peak host memory \d+ MiB above the \d+ MiB at start: [\d.]+x the \d+ MiB written", out)
+    params, config = convert.load_transformer(tmp_path / "t")
+    assert config == T_CONFIG and {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_user_errors_are_one_line_and_exit_status_2(tmp_path, pipeline_dir, models, capsys):
+    state = _state(models[0])
+    del state["transformer_blocks.1.attn.norm_added_k.weight"]
+    missing, config = _single_file(tmp_path, state, "missing.safetensors")
+    state = {**_state(models[0]), "made_up.weight": np.ones(3, np.float32)}
+    unexpected, _ = _single_file(tmp_path, state, "unexpected.safetensors")
+    cases = {
+        "missing key": ([missing, "--config", config], "1 missing (transformer_blocks.1.attn.norm_added_k.weight)"),
+        "unexpected key": ([unexpected, "--config", config], "1 unexpected (made_up.weight)"),
+        "wrong kind": ([pipeline_dir / "transformer", "--kind", "vae"],
+                       "holds a transformer checkpoint (its config's _class_name is Flux2Transformer2DModel), not a "
+                       "vae: pass --kind transformer or --kind auto"),
+        "missing source": ([tmp_path / "nowhere"], f"{tmp_path / 'nowhere'} does not exist"),
+    }
+    for name, (argv, expected) in cases.items():
+        status, _, err = _run_cli(capsys, *argv, "--out", tmp_path / "out" / name)
+        assert status == 2, name
+        assert expected in _one_line_error(err), name
+        assert not (tmp_path / "out" / name / convert.FOA_CONFIG).exists()
+
+
+def test_user_error_exit_status_from_the_shell(tmp_path, pipeline_dir):
+    result = subprocess.run([sys.executable, "-m", "ports.convert", str(pipeline_dir / "vae"), "--kind", "transformer",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "holds a vae checkpoint (its config's _class_name is AutoencoderKLFlux2), not a transformer" in \
+        _one_line_error(result.stderr)
+
+
+def test_existing_output_needs_force(tmp_path, pipeline_dir, capsys):
+    out = tmp_path / "out"
+    assert _run_cli(capsys, pipeline_dir / "vae", "--out", out, "--dtype", "float32")[0] == 0
+    (out / "notes.txt").write_text("kept")
+    status, _, err = _run_cli(capsys, pipeline_dir / "vae", "--out", out)
+    assert status == 2 and "exists and is not empty: pass --force" in _one_line_error(err)
+    assert json.loads((out / convert.FOA_CONFIG).read_text())["dtype"] == "float32"  # untouched
+    assert _run_cli(capsys, pipeline_dir / "vae", "--out", out, "--force")[0] == 0
+    assert json.loads((out / convert.FOA_CONFIG).read_text())["dtype"] == "bfloat16"
+    assert (out / "notes.txt").read_text() == "kept"
+    params, config = convert.load_vae(out)
+    assert config == V_CONFIG and jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+
+
+def test_an_interrupted_write_leaves_nothing_that_loads_and_is_cleared(tmp_path):
+    config = vae.VAEConfig.preset("tiny")
+    params = vae.init(config, jax.random.PRNGKey(0))
+    stale = tmp_path / "vae" / "params.writing.partial_save"
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("from an interrupted save")
+    convert.save(tmp_path / "vae", params, config, convert.KINDS["vae"], "test")
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == [convert.FOA_CONFIG, "params"]
+    _assert_trees_equal(convert.load_vae(tmp_path / "vae")[0], params)
+
+
+def test_a_folder_written_by_the_standard_checkpointer_still_loads(tmp_path):
+    import orbax.checkpoint as ocp
+
+    config = vae.VAEConfig.preset("tiny")
+    params = vae.init(config, jax.random.PRNGKey(0))
+    convert.save(tmp_path / "new", params, config, convert.KINDS["vae"], "test")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / convert.FOA_CONFIG).write_text((tmp_path / "new" / convert.FOA_CONFIG).read_text())
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((tmp_path / "old" / "params").absolute(), params)
+    _assert_trees_equal(convert.load_vae(tmp_path / "old")[0], params)
+
+
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak is read from Linux's /proc")
+
+
+@LINUX_ONLY
+def test_peak_memory_counts_a_spike_that_is_gone_by_the_end():
+    code = ("import numpy as np; from ports.convert import PeakMemory\n"
+            "with PeakMemory() as memory:\n    spike = np.ones(200 * 2**20, np.uint8)\n    del spike\n"
+            "print(memory.peak_mib)")
+    peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 195 <= peak <= 215
+
+
+@LINUX_ONLY
+def test_conversion_streams_its_output_instead_of_holding_it(tmp_path):
+    """A few-hundred-MB checkpoint's conversion peaks at about its largest leaf (the output is saved a group of
+    leaves at a time) plus one source tensor and orbax's buffers: well under the whole output, which a conversion
+    that builds the tree before saving it holds about three times over."""
+    config = flux2.Flux2Config(in_channels=64, num_layers=2, num_single_layers=6, attention_head_dim=128,
+                               num_attention_heads=6, joint_attention_dim=768, axes_dims_rope=(32, 32, 32, 32))
+    template = jax.eval_shape(lambda: flux2.init(config, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    convert.save_diffusers(tmp_path / "src", jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32), template),
+                           config, "transformer")
+    result = subprocess.run([sys.executable, "-m", "ports.convert", str(tmp_path / "src"), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, check=True)
+    peak = float(re.search(r"peak host memory (\d+) MiB above", result.stdout)[1])
+    mib, bf16 = 2**20, 2
+    output = P.count(template) * bf16 / mib
+    leaf = max(int(np.prod(x.shape)) for x in P.flatten(template).values()) * bf16 / mib
+    tensor = max(int(np.prod(s.torch_shape)) for s in convert.plan(template, flux2.STACKS).values()) * 4 / mib
+    assert output > 150 and leaf < 0.4 * output
+    print(result.stdout)
+    assert peak <= 1.5 * leaf + tensor + 32
+
+
+# ------------------------------------------------------------------------------------------------ diffusers folders
+
+# (preset, init, parity, float32 tolerance): the tiny transformer's outputs reach |x| ~ 4 from a random init, so its
+# float32 difference is a few 1e-5 where the small, perturbed models' above stay under 1e-5.
+TINY = {"transformer": (flux2.preset, flux2.init, _transformer_parity, 1e-4),
+        "vae": (vae.VAEConfig.preset, vae.init, _vae_parity, 1e-5)}
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_save_diffusers_round_trips_and_loads_in_diffusers(tmp_path, kind):
+    import diffusers
+
+    preset, init, parity, tolerance = TINY[kind]
+    config = preset("tiny")
+    params = init(config, jax.random.key(7))
+    folder = convert.save_diffusers(tmp_path / kind, params, config, kind)
+    loaded, loaded_config = convert.load(folder, kind)
+    assert loaded_config.to_diffusers() == config.to_diffusers()
+    _assert_trees_equal(loaded, params)
+    assert {leaf.dtype for leaf in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.float32)}
+    model = getattr(diffusers, convert.KINDS[kind].diffusers_class).from_pretrained(folder).eval()
+    assert parity(params, config, model) <= tolerance
