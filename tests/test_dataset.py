@@ -84,6 +84,22 @@ def test_pairs_are_deterministic_per_seed_and_index(dataset, photos):
         CONFIG, {k: v for k, v in photos.items() if k != "big"}, report=lambda m: None).fingerprint()
 
 
+def test_hflip_mirrors_about_half_the_crops_and_moves_nothing_else(dataset, photos):
+    flipped = ds.Dataset(dataclasses.replace(CONFIG, hflip=True), photos, report=lambda m: None)
+    flips = []
+    for index in range(64):
+        plain, spec = dataset.spec(index), flipped.spec(index)
+        assert spec._replace(flip=False) == plain and not plain.flip
+        flips.append(spec.flip)
+        lr, hr = flipped.pair(index)
+        crop = photos[spec.source][spec.top:spec.top + 32, spec.left:spec.left + 32]
+        np.testing.assert_array_equal(hr, crop[:, ::-1] if spec.flip else crop)
+        np.testing.assert_array_equal(lr, degrade(hr, spec.degradation_seed, CONFIG.degradation))
+    assert 20 <= sum(flips) <= 44
+    with pytest.raises(ValueError, match="hflip"):
+        dataclasses.replace(CONFIG, hflip=1)
+
+
 def test_every_epoch_uses_each_photo_crops_per_image_times(dataset):
     n = dataset.epoch_length
     assert n == 8

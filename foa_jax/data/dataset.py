@@ -43,6 +43,7 @@ class DataConfig:
 
     gt_size: int = 512  # SPEC §1 at full scale; TINY.md uses 256 (preset "tiny")
     crops_per_image: int = 1  # crops per photo per epoch
+    hflip: bool = False  # mirror half of the crops (seeded per sample): twice the views of a small photo set
     seed: int = 0
     token_factor: int = 16
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
@@ -53,6 +54,8 @@ class DataConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}.{key}: expected an int >= {low}, got {value!r}")
+        if not isinstance(self.hflip, bool):
+            raise ValueError(f"{name}.hflip: expected a bool, got {self.hflip!r}")
         if not isinstance(self.degradation, DegradationConfig):
             raise TypeError(f"{name}.degradation: expected a DegradationConfig, got {type(self.degradation).__name__}")
         multiple = math.lcm(self.scale, self.token_factor)
@@ -146,13 +149,14 @@ def _photo_size(photos: Mapping[str, np.ndarray], name: str) -> tuple[int, int]:
 
 
 class CropSpec(NamedTuple):
-    """Where sample `index` comes from: photo, crop corner and the degradation's seed."""
+    """Where sample `index` comes from: photo, crop corner, the degradation's seed and whether it is mirrored."""
 
     index: int
     source: str
     top: int
     left: int
     degradation_seed: int
+    flip: bool = False
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,13 +202,16 @@ class Dataset:
         rng = np.random.default_rng([self.config.seed, 1, index])
         top = int(rng.integers(0, h - self.config.gt_size + 1))
         left = int(rng.integers(0, w - self.config.gt_size + 1))
-        return CropSpec(index, name, top, left, int(rng.integers(0, 2**63)))
+        degradation_seed = int(rng.integers(0, 2**63))
+        flip = self.config.hflip and bool(rng.integers(0, 2))  # drawn last: specs without flips stay as they were
+        return CropSpec(index, name, top, left, degradation_seed, flip)
 
     def hr(self, index: int, spec: CropSpec | None = None) -> np.ndarray:
         """The HR crop of sample `index` alone (no degradation): what autoencoder training needs."""
         spec = spec or self.spec(index)
         size = self.config.gt_size
-        return np.ascontiguousarray(self.photos[spec.source][spec.top:spec.top + size, spec.left:spec.left + size])
+        crop = self.photos[spec.source][spec.top:spec.top + size, spec.left:spec.left + size]
+        return np.ascontiguousarray(crop[:, ::-1] if spec.flip else crop)
 
     def pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         spec = self.spec(index)
