@@ -1,0 +1,3 @@
+from experiments.bench.cli import main
+
+main()
