@@ -207,8 +207,9 @@ def nft_loss(v_theta: jax.Array, v_old: jax.Array, v_ref: jax.Array, x_0: jax.Ar
 
     v_theta, v_old, v_ref: the policy's, old policy's and reference's velocities at (x_t, t), all of x_0's shape
     (B, ...); t: (B,) sigmas; r: (B,) reward weights (`reward_weight`). Every term is computed in float32 or wider.
-    Metrics: the loss and its two parts, the mean positive and negative errors (already divided by w±), and how
-    far the policy sits from the old one and from the reference (mean squared velocity differences).
+    Metrics: the loss, its policy part and the KL mean((v_θ − v_ref)²), the mean positive and negative errors (each
+    divided by its w), old_deviation = mean((v_θ − v_old)²) and old_kl = mean((v_old − v_ref)²), the last two as
+    DiffusionNFT logs them.
     """
     shapes = {"v_theta": v_theta.shape, "v_old": v_old.shape, "v_ref": v_ref.shape, "x_t": x_t.shape}
     for name, shape in shapes.items():
