@@ -8,74 +8,73 @@ dataclass config, e.g. `python -m experiments.sft train.lr=3e-4 lora.rank=16`.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from experiments import configs
 
-def parser(description: str, default_out: str, default_steps: int | None = None) -> argparse.ArgumentParser:
-    """The flags every stage shares; stages add their own."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, flux2-dev, klein-4b, klein-9b")
-    p.add_argument("--out", type=Path, default=Path(default_out), help="run folder")
-    p.add_argument("--steps", type=int, default=default_steps, help="optimisation steps (stage default if omitted)")
+
+def parser(description: str, default_out: str | None) -> argparse.ArgumentParser:
+    """The flags every stage shares; stages add their own. `section.field=value` overrides go anywhere (`parse`)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Config overrides: field.path=value anywhere on the line, e.g. optim.lr=3e-4 "
+                                       "(the fields are the stage's slice of experiments/configs/<preset>.py).")
+    p.add_argument("--preset", default="tiny", choices=sorted(configs.PRESETS), help="model preset")
+    p.add_argument("--out", type=Path, default=Path(default_out) if default_out else None, help="run folder")
+    p.add_argument("--steps", type=int, help="optimisation steps (the preset's if omitted)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--transformer", type=Path, help="converted FLUX.2 transformer (python -m ports.convert)")
-    p.add_argument("--vae", type=Path, help="converted FLUX.2 VAE (python -m ports.convert)")
+    p.add_argument("--vae", type=Path, help="VAE: a converted FLUX.2 VAE (python -m ports.convert) or a weights folder")
     p.add_argument("--prompt-embedding", type=Path, help="cached prompt embedding (python -m ports.text_encoder)")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+    p.add_argument("--random-init", action="store_true",
+                   help="tiny preset: use randomly initialised models where no weights are given (every report then "
+                        "says RANDOM)")
     return p
 
 
-def parse_value(text: str) -> Any:
-    """`3e-4` -> float, `(1, 2)` -> tuple, `true` -> True, anything unparsable stays a string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, section: str | None):
+    """`(args, config)`: the flags, and the preset's config with the overrides applied to its `section` slice (the
+    whole tree when None) and `--steps` set where the slice has steps. Every override is checked, for its field and
+    its type, before the stage does anything; so is `--steps`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", default="tiny")
+    preset = preset_parser.parse_known_args(argv)[0].preset
+    if preset not in configs.PRESETS:
+        p.error(f"--preset {preset!r}: valid presets are {sorted(configs.PRESETS)}")
+    config = configs.get(preset)
+    target = config if section is None else getattr(config, section)
+    rest, overrides = configs.split_overrides(argv, target) if target is not None else (argv, [])
+    args, unknown = p.parse_known_args(rest)
+    for word in unknown:
+        if "=" in word and not word.startswith("-"):
+            key = word.split("=", 1)[0]
+            fields = [f.name for f in dataclasses.fields(target)] if target is not None else []
+            p.error(f"unknown config field {key!r}: valid fields are {fields}")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be a positive number of steps, got {args.steps}")
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_overrides(config, overrides: Sequence[str]):
-    """Apply `a.b.c=value` strings to a tree of frozen dataclasses; unknown fields are an error listing known ones."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form section.field=value")
-        dotted, raw = item.split("=", 1)
-        config = _replace_path(config, dotted.split("."), raw, dotted)
-    return config
-
-
-def _replace_path(node, path: list[str], value, dotted: str):
-    names = [f.name for f in dataclasses.fields(node)]
-    if path[0] not in names:
-        raise ValueError(f"unknown config field {dotted!r}: {type(node).__name__} has {names}")
-    current = getattr(node, path[0])
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ValueError(f"{dotted!r}: {path[0]} is a value, not a section")
-        value = _replace_path(current, path[1:], value, dotted)
-    elif isinstance(current, str):  # a string field takes the text as written: `remat=none` is "none", not None
-        pass
-    else:
-        value = parse_value(value)
-        if isinstance(current, tuple) and isinstance(value, str):  # `(psnr, ssim)` without quotes
-            value = tuple(parse_value(v.strip()) for v in value.strip("()[]").split(",") if v.strip())
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-    return dataclasses.replace(node, **{path[0]: value})
+        target = configs.override(target, overrides) if overrides else target
+        if args.steps is not None:
+            if target is None or "steps" not in {f.name for f in dataclasses.fields(target)}:
+                p.error(f"--steps does not apply here ({section or 'the pipeline'} has no steps setting"
+                        + ("; name the stage, e.g. sft.steps=N" if section is None else "") + ")")
+            target = dataclasses.replace(target, steps=args.steps)
+    except (ValueError, TypeError) as err:
+        p.error(str(err))
+    return args, (target if section is None else dataclasses.replace(config, **{section: target}))
 
 
 def to_jsonable(obj):
@@ -127,78 +126,195 @@ def prepare_out(out: Path, resume: bool, config) -> Path:
     return out
 
 
-def load_models(args, tiny_weights: Path | None = None, announce=print):
-    """Backbone, VAE and prompt embedding for a stage: from the converted files given on the command line, else the
-    preset's own weights (`tiny_weights`, the tiny preset's trained folder), else — tiny preset only — a random
-    initialisation that is announced as such. Real presets without files raise, naming the flag to pass.
-    """
+# The tiny preset's Flux2SR (with its VAE and prompt embedding), trained once by the project's own commands and shipped
+# as a weights folder; its manifest names the commands, the commit and the data.
+SHIPPED_TINY = Path(__file__).resolve().parent / "assets" / "tiny"
+
+
+@dataclass(frozen=True)
+class Flux2SR:
+    """A loaded Flux2SR: the models (transformer = the base, or the whole tiny model), its adapter (None when the
+    transformer itself was trained), where it came from, and its identity for the files made with it."""
+
+    models: Any
+    adapter: dict | None
+    lora_config: Any
+    source: str
+    fingerprint: str
+    random: bool = False
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_config.scale if self.lora_config is not None else 1.0
+
+
+def photo_folders(folders: Sequence[Path]):
+    """`--hr` folders as a photo source; unreadable files are reported by name and left out."""
+    from foa_jax.data.dataset import FolderPhotos
+
+    return FolderPhotos(folders)
+
+
+def _load_vae(path: Path):
+    """(params, config) from a weights folder (checked against its manifest) or a converted / diffusers VAE."""
+    from ports import convert, weights
+
+    path = Path(path)
+    if (path / weights.MANIFEST).is_file():
+        loaded = weights.load(path)
+        return loaded.vae, loaded.vae_config
+    return convert.load_vae(path)
+
+
+def tiny_prompt(config, seed: int = 0):
+    """The tiny preset has no text encoder: its one prompt is a fixed 4-token random embedding (seeded)."""
     import jax
-    import jax.numpy as jnp
 
-    from foa_jax import sr
-    from foa_jax.models import flux2, vae
-    from ports import convert, text_encoder
+    return jax.random.normal(jax.random.key(10_000 + seed), (1, 4, config.joint_attention_dim))
 
-    def pick(flag: str, path: Path | None, stored: Path | None, load, random_init):
-        source = _source(path, stored)
-        if source is not None:
-            return load(source)
-        if args.preset != "tiny":
-            raise FileNotFoundError(f"--{flag} is required for preset {args.preset!r}: convert the FLUX.2 weights with "
-                                    f"`python -m ports.convert` and pass the output folder")
-        announce(f"[{flag}] no weights given or found at {stored}: using a RANDOM tiny initialisation")
-        return random_init()
 
-    t_params, t_config = pick(
-        "transformer", args.transformer, tiny_weights and tiny_weights / "transformer", convert.load_transformer,
-        lambda: (jax.jit(flux2.init, static_argnums=0)(flux2.preset(args.preset), jax.random.key(args.seed)),
-                 flux2.preset(args.preset)))
-    v_params, v_config = pick(
-        "vae", args.vae, tiny_weights and tiny_weights / "vae", convert.load_vae,
-        lambda: (vae.init(vae.VAEConfig.preset("tiny"), jax.random.key(args.seed + 1)), vae.VAEConfig.preset("tiny")))
+def prompt_meta(args, prompt) -> dict:
+    """What a weights folder records of its prompt embedding: the `--prompt-embedding` file's own metadata, or what
+    the tiny preset's fixed embedding is."""
+    from ports import text_encoder
+
+    if args.prompt_embedding is not None:
+        _, meta = text_encoder.load_prompt_embedding(args.prompt_embedding)
+        return {key: meta[key] for key in text_encoder.CALLER_META_KEYS}
+    return {"prompts": [""], "max_length": int(prompt.shape[1]), "layers": [0], "encoder_config_sha256": "",
+            "encoder": "none: the tiny preset's fixed N(0, 1) embedding (common.tiny_prompt, seed 10000)"}
+
+
+def vae_provenance(args, config) -> dict | None:
+    """The provenance of the VAE `load_models` takes, when it comes from a weights folder (what the VAE stage and the
+    shipped weights are), for the Flux2SR folder built on it to record."""
+    from ports import weights
+
+    path = args.vae if args.vae is not None else (_default_vae(config) if config.preset == "tiny" else None)
+    if path is None or not (Path(path) / weights.MANIFEST).is_file():
+        return None
+    provenance = weights.read_manifest(path)["provenance"]
+    return provenance.get("vae", provenance)
+
+
+def _default_vae(config) -> Path:
+    stage_output = Path("runs/foa/vae/weights")
+    return stage_output if (stage_output / "manifest.json").is_file() else SHIPPED_TINY
+
+
+def _check_tokens(t_config, v_config) -> None:
     if v_config.token_channels != t_config.in_channels:
         raise ValueError(f"the VAE makes {v_config.token_channels}-channel tokens but the transformer takes "
                          f"{t_config.in_channels}")
 
-    def load_prompt(path):
-        embedding, _ = text_encoder.load_prompt_embedding(path, channels=t_config.joint_attention_dim)
-        return jnp.asarray(embedding[:1], jnp.float32)
 
-    prompt = pick("prompt-embedding", args.prompt_embedding,
-                  tiny_weights and tiny_weights / "prompt_embedding.safetensors", load_prompt,
-                  lambda: tiny_prompt(t_config, args.seed))
+def load_models(args, config, for_training: bool = False, announce=print):
+    """The models Flux2SR training starts from: `--transformer`, `--vae`, `--prompt-embedding`.
+
+    The tiny preset has nothing pretrained: with `for_training` its transformer starts from a random initialisation
+    (what training from scratch means) and its prompt is `tiny_prompt`; its VAE is `--vae`, else the VAE stage's
+    `runs/foa/vae/weights`, else the shipped one, announced. A real preset without a file is an error naming the flag.
+    """
+    import jax
+
+    from foa_jax import sr
+    from foa_jax.models import flux2
+    from ports import convert, text_encoder
+
+    tiny = config.preset == "tiny"
+    if args.transformer is not None:
+        t_params, t_config = convert.load_transformer(args.transformer)
+    elif tiny and (for_training or args.random_init):
+        t_config = flux2.preset(config.transformer)
+        announce(f"[transformer] a random {config.transformer} initialisation (seed {args.seed})"
+                 + ("" if for_training else ": RANDOM, asked for by --random-init"))
+        t_params = jax.jit(flux2.init, static_argnums=0)(t_config, jax.random.key(args.seed))
+    else:
+        raise FileNotFoundError(f"--transformer is required for preset {config.preset!r}: convert the FLUX.2 weights "
+                                f"with `python -m ports.convert` and pass the output folder")
+    vae_path = args.vae
+    if vae_path is None and tiny:
+        vae_path = _default_vae(config)
+        announce(f"[vae] {vae_path} ({'shipped' if vae_path == SHIPPED_TINY else 'the VAE stage output'}; "
+                 f"--vae picks another)")
+    if vae_path is None:
+        raise FileNotFoundError(f"--vae is required for preset {config.preset!r}: convert the FLUX.2 VAE with "
+                                f"`python -m ports.convert` and pass the output folder")
+    v_params, v_config = _load_vae(vae_path)
+    _check_tokens(t_config, v_config)
+    if args.prompt_embedding is not None:
+        embedding, _ = text_encoder.load_prompt_embedding(args.prompt_embedding, channels=t_config.joint_attention_dim)
+        prompt = jax.numpy.asarray(embedding[:1], jax.numpy.float32)
+    elif tiny:
+        prompt = tiny_prompt(t_config)
+    else:
+        raise FileNotFoundError(f"--prompt-embedding is required for preset {config.preset!r}: make one with "
+                                f"`python -m ports.text_encoder`")
     return sr.Models(t_params, v_params, prompt, t_config, v_config)
 
 
-def _source(path: Path | None, stored: Path | None) -> Path | None:
-    """The file a model part is read from: the flag's path, else the stage's stored one if it exists, else None."""
-    if path is not None:
-        return Path(path)
-    return stored if stored is not None and stored.exists() else None
+def resolve_sft(flag: Path | None, preset: str, announce=print) -> Path | None:
+    """The Flux2SR weights folder a stage uses: `--sft`, else (tiny) the shipped one, announced."""
+    if flag is not None:
+        return Path(flag)
+    if preset == "tiny" and (SHIPPED_TINY / "manifest.json").is_file():
+        announce(f"[sft] the shipped tiny Flux2SR {SHIPPED_TINY} (--sft picks another, e.g. runs/foa/sft/weights)")
+        return SHIPPED_TINY
+    return None
 
 
-def model_sources(args, weights: Path | None) -> list[Path] | None:
-    """Every file or folder `load_flux2sr(args, weights)` reads, or None when some part is a random initialisation."""
-    weights = None if weights is None else Path(weights)
-    parts = [(args.transformer, "transformer"), (args.vae, "vae"),
-             (args.prompt_embedding, "prompt_embedding.safetensors")]
-    sources = [_source(path, weights and weights / name) for path, name in parts]
-    if any(source is None for source in sources):
-        return None
-    adapter = weights and weights / "lora.safetensors"
-    return sources + ([adapter] if adapter is not None and adapter.exists() else [])
+def load_flux2sr(args, config, folder: Path | None, announce=print) -> Flux2SR:
+    """A trained Flux2SR from its weights folder (hashes checked first): a full-weight model (the tiny preset), or
+    a LoRA on `--transformer`'s base. Without a folder: an error naming `--sft`, or with `--random-init` (tiny
+    preset) a random model whose `random` flag every report shows."""
+    import jax
+
+    from foa_jax import sr
+    from foa_jax.data import cache as cache_lib
+    from foa_jax.models import flux2, vae
+    from ports import convert, weights
+
+    if folder is None:
+        if not (config.preset == "tiny" and getattr(args, "random_init", False)):
+            raise FileNotFoundError(f"--sft: no Flux2SR weights folder given for preset {config.preset!r} (train one "
+                                    f"with `python -m experiments.sft`, or pass --random-init for a random tiny model)")
+        t_config, v_config = flux2.preset(config.transformer), vae.VAEConfig.preset(config.vae_model)
+        models = sr.Models(jax.jit(flux2.init, static_argnums=0)(t_config, jax.random.key(args.seed)),
+                           vae.init(v_config, jax.random.key(args.seed + 1)), tiny_prompt(t_config, args.seed),
+                           t_config, v_config)
+        announce(f"[sft] RANDOM tiny Flux2SR (seed {args.seed}), asked for by --random-init")
+        tree = {"transformer": models.transformer, "vae": models.vae, "prompt": models.prompt}
+        return Flux2SR(models, None, None, f"RANDOM tiny initialisation (seed {args.seed})",
+                       cache_lib.fingerprint(tree), random=True)
+    folder = Path(folder)
+    fingerprint = weights.fingerprint(folder)
+    manifest = weights.read_manifest(folder)
+    if weights.LORA in manifest["files"]:
+        if args.transformer is None:
+            raise FileNotFoundError(f"{folder} holds a LoRA: pass the base it adapts with --transformer")
+        base, t_config = convert.load_transformer(args.transformer)
+        loaded = weights.load(folder, lora_base=base)
+        fingerprint = cached_fingerprint([Path(args.transformer)], lambda: cache_lib.fingerprint(base)) + fingerprint
+    else:
+        loaded = weights.load(folder)
+        if loaded.transformer is None:
+            raise ValueError(f"{folder} is a VAE-only weights folder, not a Flux2SR (pass experiments.sft's weights/)")
+        base, t_config = loaded.transformer, loaded.transformer_config
+    if loaded.prompt is None:
+        raise ValueError(f"{folder} holds no prompt embedding")
+    _check_tokens(t_config, loaded.vae_config)
+    models = sr.Models(base, loaded.vae, jax.numpy.asarray(loaded.prompt[:1]), t_config, loaded.vae_config)
+    return Flux2SR(models, loaded.lora, loaded.lora_config, str(folder), fingerprint)
 
 
-def cached_fingerprint(sources: Sequence[Path] | None, compute) -> str:
+def cached_fingerprint(sources: Sequence[Path], compute) -> str:
     """`compute()` (a content hash of loaded weights), remembered per state of the `sources` files.
 
     Hashing FLUX.2-dev's 64 GB takes minutes and mining, every DPO profile and the pipeline's pair check each need the
-    hash of the same checkpoint. The key is every file's absolute path, size and modification time (`st_mtime_ns`), so
+    hash of the same base. The key is every file's absolute path, size and modification time (`st_mtime_ns`), so
     rewriting a file recomputes it; the value lives in `$FOA_FINGERPRINT_CACHE` (default
-    `~/.cache/foa-jax/fingerprints`). Without sources (random tiny initialisations) it is computed every time.
+    `~/.cache/foa-jax/fingerprints`).
     """
-    if not sources:
-        return compute()
     signature = hashlib.sha256()
     for source in sources:
         source = Path(source).resolve()
@@ -211,32 +327,10 @@ def cached_fingerprint(sources: Sequence[Path] | None, compute) -> str:
         return record.read_text().strip()
     value = compute()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
+    tmp = record.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(value)
     tmp.replace(record)
     return value
-
-
-def load_flux2sr(args, weights: Path | None, announce=print):
-    """(models, adapter, lora_config) of a trained Flux2SR: a stage's `weights/` folder as `experiments.sft` writes it
-    (`transformer/` for a full-weight run or `lora.safetensors` for a LoRA run, `vae/`, `prompt_embedding.safetensors`)
-    on top of the model flags. `adapter` is None when the transformer itself was trained (the tiny preset).
-    """
-    from ports import lora_io
-
-    models = load_models(args, weights, announce)
-    adapter_file = None if weights is None else Path(weights) / "lora.safetensors"
-    if adapter_file is None or not adapter_file.exists():
-        return models, None, None
-    adapter, lora_config = lora_io.import_lora(adapter_file, models.transformer)
-    return models, adapter, lora_config
-
-
-def tiny_prompt(config, seed: int):
-    """The tiny preset has no text encoder: its one prompt is a fixed 4-token random embedding (seeded)."""
-    import jax
-
-    return jax.random.normal(jax.random.key(10_000 + seed), (1, 4, config.joint_attention_dim))
 
 
 def save_grid(path: Path, rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None) -> Path:

@@ -11,7 +11,7 @@ to the transformer the SFT folder holds: in the tiny preset Flux2SR is a full-we
 adapter is a LoRA on top of it; at full scale Flux2SR is itself a LoRA and the DPO policy was initialised from it, so
 the DPO file replaces it (the Flux2SR LoRA is not stacked under it).
 
-Inputs: the bundled held-out photos (`held_out_crops` fixed crops each, built by `experiments.sft.validation_pairs`)
+Inputs: the bundled held-out photos (`held_out.crops` fixed crops each, `ports.photos.held_out_pairs`)
 or `--lr DIR --hr DIR`, paired by file name (`foa_jax.data.dataset.paired_folders`: unmatched names and LR x scale !=
 HR sizes are errors naming the files, raised before any model or metric is loaded).
 
@@ -47,79 +47,22 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from experiments import common, sft
+from experiments import common
+from experiments.configs.schema import EvalConfig, HeldOut
 from foa_jax import lora as lora_lib
 from foa_jax import sr
-from foa_jax.data.dataset import DataConfig, EvalPair, paired_folders
-from ports import iqa
+from foa_jax.data.dataset import EvalPair, paired_folders
+from ports import iqa, photos
 
 BICUBIC = "bicubic"
 FLUX2SR = "flux2sr"
 RESERVED_NAMES = ("LR", "HR")  # image folders and crop columns of their own
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
-# SPEC §7's metrics that ports.iqa registers (FID, a folder statistic, is not a per-image metric and is left out).
-PAPER_METRICS = ("psnr", "ssim", "lpips", "dists", "topiq_fr", "afine_fr", "clipiqa", "niqe", "musiq", "maniqa",
-                 "clipiqa+", "topiq_nr", "afine_nr", "nima", "topiq_iaa")
+# The paper's metrics that ports.iqa registers (FID, a folder statistic, is not a per-image metric and is left out).
+PAPER_METRICS = EvalConfig().metrics
 # What ports.iqa computes without any downloaded weight file.
 OFFLINE_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "piqe")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What changes an evaluation's numbers or pictures; presets below, `field=value` overrides on the CLI."""
-
-    metrics: tuple[str, ...] = PAPER_METRICS
-    nr_metric: str | None = None  # y axis of the perception-distortion plot (x is PSNR); None: the first NR metric
-    sample_steps: int = 16  # SPEC §3
-    guidance: float = 1.0  # SPEC §3
-    seed: int = 0  # noise of every SR input (candidate `seed`)
-    batch: int = 1  # SR inputs per sampler call; does not change any output
-    crop_size: int = 256  # side of the side-by-side crops in crops.png
-    crop_images: int = 8  # pairs shown in crops.png (the first ones by name)
-    crop_border: int = 0  # pixels removed per side before PSNR/SSIM (ports.iqa: 0 as pyiqa-based SR papers)
-    held_out_size: int = 256  # HR side of the bundled held-out crops
-    held_out_crops: int = 2  # crops per held-out photo
-
-    def __post_init__(self):
-        name = type(self).__name__
-        if isinstance(self.metrics, str) or not self.metrics:
-            raise ValueError(f"{name}.metrics: expected a non-empty tuple of metric names, got {self.metrics!r}")
-        for metric in self.metrics:
-            iqa.registry_entry(metric)  # unknown names raise, listing the known ones
-        if len(set(self.metrics)) != len(self.metrics):
-            raise ValueError(f"{name}.metrics: names repeat in {self.metrics}")
-        if "psnr" not in self.metrics:
-            raise ValueError(f"{name}.metrics: psnr is required (the x axis of the perception-distortion plot), "
-                             f"got {self.metrics}")
-        no_reference = [m for m in self.metrics if not iqa.REGISTRY[m].full_reference]
-        if not no_reference or (self.nr_metric is not None and self.nr_metric not in no_reference):
-            raise ValueError(f"{name}.nr_metric: expected one of the no-reference metrics in metrics "
-                             f"{no_reference} (None: the first), got {self.nr_metric!r}")
-        for key, low in (("sample_steps", 1), ("seed", 0), ("batch", 1), ("crop_size", 1), ("crop_images", 1),
-                         ("crop_border", 0), ("held_out_size", 1), ("held_out_crops", 1)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}.{key}: expected an int >= {low}, got {value!r}")
-
-
-    @property
-    def plot_metric(self) -> str:
-        """The no-reference metric on the plot's y axis."""
-        return self.nr_metric or next(m for m in self.metrics if not iqa.REGISTRY[m].full_reference)
-
-
-PRESETS = {
-    "full": EvalConfig(),  # plots clipiqa, the first no-reference metric of the paper's list
-    # Offline metrics only; NIQE needs >= 96 px and means something from ~192 px on (TINY.md), hence 256-px crops.
-    # 4 held-out photos x 2 crops run as one sampler batch.
-    "tiny": EvalConfig(metrics=OFFLINE_METRICS, batch=8, crop_size=128),  # plots niqe
-}
-
-
-def config_for(preset: str, overrides: Sequence[str] = ()) -> EvalConfig:
-    """The tiny preset's config or, for every real model preset, the full one; then the overrides."""
-    return common.apply_overrides(PRESETS["tiny" if preset == "tiny" else "full"], overrides)
 
 
 def make_scorer(config: EvalConfig, weights_dir: Path | None = None) -> iqa.Scorer:
@@ -130,10 +73,9 @@ def make_scorer(config: EvalConfig, weights_dir: Path | None = None) -> iqa.Scor
 # ----------------------------------------------------------------------------------------------------------- inputs
 
 
-def held_out_pairs(config: EvalConfig) -> list[EvalPair]:
-    """The bundled held-out photos' fixed crops, degraded as the SFT stage validates on them (never trained on)."""
-    sft_config = sft.SFTConfig(data=DataConfig(gt_size=config.held_out_size), validation_crops=config.held_out_crops)
-    return [EvalPair(f"held_out_{i:02d}", lr, hr) for i, (lr, hr) in enumerate(sft.validation_pairs(sft_config))]
+def held_out_pairs(held_out: HeldOut) -> list[EvalPair]:
+    """The bundled held-out photos' fixed crops (never trained on), the ones Flux2SR's validation scores."""
+    return photos.held_out_pairs(held_out.size, held_out.crops, held_out.seed)
 
 
 def pair_scale(pair: EvalPair) -> int:
@@ -451,8 +393,7 @@ def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
 
 def main(argv=None) -> Path:
     p = common.parser(__doc__.split("\n\n")[0], "runs/foa/eval")
-    p.add_argument("--sft", type=Path, default=Path("runs/foa/sft/weights"),
-                   help="Flux2SR weights folder (experiments.sft's weights/)")
+    p.add_argument("--sft", type=Path, help="Flux2SR weights folder (experiments.sft's weights/; tiny: the shipped one)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="a profile adapter (LoRA safetensors) to evaluate as method NAME; repeatable")
     p.add_argument("--lr", type=Path, help="folder of LR test images (with --hr; default: bundled held-out photos)")
@@ -462,31 +403,38 @@ def main(argv=None) -> Path:
     p.add_argument("--hr-suffix", default="", help="suffix of HR file stems to ignore when pairing, e.g. _HR")
     p.add_argument("--iqa-weights", type=Path, help="folder of pyiqa's weight files (pyiqa/, clip/); "
                    "default torch's hub folder")
-    args = p.parse_args(argv)
+    args, config = common.parse(p, argv, "eval")
     if args.steps is not None or args.resume:
         p.error("--steps and --resume do not apply to evaluation (sampling steps: sample_steps=N)")
     if (args.lr is None) != (args.hr is None):
         p.error("--lr and --hr go together")
-    config = dataclasses.replace(config_for(args.preset, args.overrides), seed=args.seed)
+    eval_config = dataclasses.replace(config.eval, seed=args.seed)
 
     adapter_files = parse_adapters(args.adapter)
     if args.lr is not None:
         pairs = paired_folders(args.lr, args.hr, args.scale, args.lr_suffix, args.hr_suffix)
         source = f"{args.lr} / {args.hr}"
     else:
-        pairs = held_out_pairs(config)
-        source = f"bundled held-out photos ({config.held_out_crops} crops of {config.held_out_size} px each)"
-    scorer = make_scorer(config, args.iqa_weights)
-    models, flux2sr_adapter, flux2sr_lora = common.load_flux2sr(args, args.sft)
-    from ports import lora_io
-
-    methods = {BICUBIC: BICUBIC, FLUX2SR: None if flux2sr_adapter is None else (flux2sr_adapter, flux2sr_lora)}
-    for name, path in adapter_files.items():
-        methods[name] = lora_io.import_lora(path, models.transformer)
+        pairs = held_out_pairs(eval_config.held_out)
+        source = (f"bundled held-out photos ({eval_config.held_out.crops} crops of {eval_config.held_out.size} px "
+                  f"each)")
+    scorer = make_scorer(eval_config, args.iqa_weights)
+    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args.sft, args.preset))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluate(out, models, methods, pairs, config, scorer, source)
+    evaluate(out, flux2sr.models, methods_for(flux2sr, adapter_files), pairs, eval_config, scorer,
+             source + (" — RANDOM model" if flux2sr.random else ""))
     return out
+
+
+def methods_for(flux2sr: common.Flux2SR, adapters: Mapping[str, Path]) -> dict:
+    """bicubic, Flux2SR as loaded, and one method per profile adapter file (applied alone to Flux2SR's transformer)."""
+    from ports import lora_io
+
+    methods = {BICUBIC: BICUBIC, FLUX2SR: None if flux2sr.adapter is None else (flux2sr.adapter, flux2sr.lora_config)}
+    for name, path in adapters.items():
+        methods[name] = lora_io.import_lora(path, flux2sr.models.transformer)
+    return methods
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from foa_jax import sampling
+from foa_jax import dpo, losses, sampling
 from foa_jax.data.resize import bicubic_upsample
 from foa_jax.models import flux2, vae
 
@@ -92,6 +92,62 @@ def candidate_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
 def decode(models: Models, latents: jax.Array, height: int, width: int) -> jax.Array:
     """Packed latents -> images (B, H, W, 3) in [0, 1]."""
     return to_unit_range(vae.decode_tokens(models.vae, models.vae_config, latents, height, width))
+
+
+def velocity(models: Models, z_t: jax.Array, cond: jax.Array, t: jax.Array, grid: tuple[int, int],
+             guidance: float | None = 1.0, lora: dict | None = None, lora_scale: float = 1.0) -> jax.Array:
+    """The velocity (B, N, C) of the noisy tokens z_t at sigmas t (B,), reference tokens `cond` (B, N, C) appended
+    on the same (h, w) `grid` (T = 10), under the optional adapter; guidance is ignored by models without a guidance
+    embedder (Klein)."""
+    b, n = z_t.shape[:2]
+    prompt = jnp.broadcast_to(models.prompt, (b, *models.prompt.shape[1:]))
+    g = jnp.full((b,), guidance) if models.transformer_config.guidance_embeds and guidance is not None else None
+    out = flux2.apply(models.transformer, models.transformer_config, jnp.concatenate([z_t, cond], axis=1), prompt, t,
+                      sampling.image_ids(grid, [grid]), models.txt_ids, g, lora=lora, lora_scale=lora_scale)
+    return out[:, :n]
+
+
+def sft_loss(mode: str, config: losses.SFTLossConfig, grid: tuple[int, int], guidance: float | None = 1.0,
+             lora_scale: float = 1.0):
+    """Flux2SR's SFT objective as `train.make_step`'s `loss(trainable, frozen, batch, key, step)`.
+
+    frozen = {"models": Models, "lpips": LPIPS weights}; batch = {"z": HR tokens, "cond": LR tokens, "hr": HR images
+    in [0, 1]} on the token `grid`. Mode "lora": `trainable` is an adapter on `models.transformer`, the frozen base;
+    mode "full": `trainable` is the whole transformer (and `models.transformer` is not read). The models are an
+    argument, not a closure, so a step can be compiled for abstract, sharded or resident weights alike.
+    """
+    if mode not in ("lora", "full"):
+        raise ValueError(f"sr.sft_loss: mode must be 'lora' or 'full', got {mode!r}")
+
+    def loss(trainable, frozen, batch, key, step):
+        models = frozen["models"]
+        adapter = trainable if mode == "lora" else None
+        if mode == "full":
+            models = models.replace(transformer=trainable)
+        size = (grid[0] * models.vae_config.token_factor, grid[1] * models.vae_config.token_factor)
+
+        def predict(z_t, cond, t):
+            return velocity(models, z_t, cond, t, grid, guidance, adapter, lora_scale)
+
+        def decode(tokens):
+            return to_unit_range(vae.decode_tokens(models.vae, models.vae_config, tokens, *size))
+
+        return losses.sft_loss(predict, decode, frozen["lpips"], batch, key, step, config)
+
+    return loss
+
+
+def dpo_loss(config: dpo.DPOConfig, grid: tuple[int, int], guidance: float | None = 1.0, lora_scale: float = 1.0):
+    """Profile DPO as `train.make_step`'s `loss(policy, frozen, batch, key, step)`: frozen = {"models": Models (the
+    base), "reference": the reference adapter (None = the base)}, batch = {"z_w", "z_l", "cond"} on the token grid."""
+
+    def loss(policy, frozen, batch, key, step):
+        def predict(adapter, z_t, cond, t):
+            return velocity(frozen["models"], z_t, cond, t, grid, guidance, adapter, lora_scale)
+
+        return dpo.dpo_loss(predict, policy, frozen["reference"], batch, key, config)
+
+    return loss
 
 
 def super_resolve(models: Models, lrs: np.ndarray, hr_size: tuple[int, int], seed: int, steps: int,

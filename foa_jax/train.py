@@ -8,6 +8,7 @@ pure function of (seed, step), so a run resumed from a checkpoint continues exac
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,9 +18,14 @@ import numpy as np
 import optax
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with a constant-with-warmup schedule (SPEC §2) and global-norm clipping."""
+    """AdamW with global-norm clipping and a warm-up, then a constant rate (the paper's schedule for its adapters) or a
+    cosine decay to `final_lr` at step `decay_steps` (what the tiny models trained from scratch need: a constant
+    rate stalls them)."""
 
     lr: float = 1e-4
     warmup: int = 200
@@ -29,12 +35,31 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0
     grad_accum: int = 1
+    schedule_kind: str = "constant"
+    decay_steps: int = 0  # cosine: the step at which the rate reaches final_lr (0: the run's last, set by its stage)
+    final_lr: float = 0.0
 
     def __post_init__(self):
         if self.lr <= 0 or self.warmup < 0 or self.grad_accum < 1 or self.clip_norm <= 0:
             raise ValueError(f"OptimConfig: need lr > 0, warmup >= 0, grad_accum >= 1, clip_norm > 0; got {self}")
+        if self.schedule_kind not in SCHEDULES:
+            raise ValueError(f"OptimConfig.schedule_kind must be one of {SCHEDULES}, got {self.schedule_kind!r}")
+        if self.decay_steps < 0 or not 0 <= self.final_lr <= self.lr:
+            raise ValueError(f"OptimConfig: need decay_steps >= 0 and 0 <= final_lr <= lr, got {self.decay_steps}, "
+                             f"{self.final_lr}")
+
+    def for_steps(self, steps: int) -> "OptimConfig":
+        """This config with an unset cosine length (`decay_steps=0`) set to a run of `steps` steps (at least one step
+        past the warm-up, so a short test run still has a schedule)."""
+        return dataclasses.replace(self, decay_steps=self.decay_steps or max(steps, self.warmup + 1))
 
     def schedule(self) -> optax.Schedule:
+        if self.schedule_kind == "cosine":
+            if self.decay_steps <= self.warmup:
+                raise ValueError(f"OptimConfig: a cosine schedule needs decay_steps > warmup ({self.warmup}), got "
+                                 f"{self.decay_steps}: set it, or build the step from for_steps(run steps)")
+            return optax.warmup_cosine_decay_schedule(0.0, self.lr, max(self.warmup, 1), self.decay_steps,
+                                                      self.final_lr)
         return optax.warmup_constant_schedule(0.0, self.lr, max(self.warmup, 1))
 
     def optimizer(self) -> optax.GradientTransformation:
@@ -61,8 +86,8 @@ def _global_norm(tree) -> jax.Array:
     return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def make_step(loss_fn: Callable, optim: OptimConfig):
-    """A jitted step `(state, frozen, batch) -> (state, metrics)`, the state donated.
+def train_step(loss_fn: Callable, optim: OptimConfig) -> Callable:
+    """The pure step `(state, frozen, batch) -> (state, metrics)` that `make_step` jits.
 
     `loss_fn(params, frozen, micro_batch, key, step) -> (loss, terms)`. `batch` leaves have a leading
     gradient-accumulation axis of size `optim.grad_accum`; micro-batch gradients are averaged in a `lax.scan`, so memory
@@ -101,7 +126,17 @@ def make_step(loss_fn: Callable, optim: OptimConfig):
                    "param_norm": _global_norm(params), "lr": schedule(state["step"])}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "key": state["key"]}, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    return step
+
+
+def make_step(loss_fn: Callable, optim: OptimConfig, shardings: tuple | None = None):
+    """`train_step` jitted with the state donated: `(state, frozen, batch) -> (state, metrics)`.
+
+    `shardings` is `(in_shardings, out_shardings)` for `jax.jit` (see `sharding.jit_train_step`, which builds them
+    from the rule table); without it the step runs where its arguments are.
+    """
+    placement = {} if shardings is None else {"in_shardings": shardings[0], "out_shardings": shardings[1]}
+    return jax.jit(train_step(loss_fn, optim), donate_argnums=(0,), **placement)
 
 
 def batch_indices(seed: int, step: int, size: int, count: int) -> np.ndarray:

@@ -660,3 +660,18 @@ class Scorer:
         if scores.shape != (len(sr),):
             raise RuntimeError(f"metric {name!r} returned {scores.shape[0]} values for {len(sr)} images")
         return scores
+
+
+def coarse_psnr(images, references, factor: int = 8) -> np.ndarray:
+    """(B,) RGB PSNR between [0, 1] NHWC images after both are area-downsampled by `factor`: whether an SR output
+    keeps its input's layout and colour, whatever texture it invents (bicubic scores high here by construction)."""
+    from foa_jax.data.resize import resize
+
+    images, references = np.asarray(images, np.float64), np.asarray(references, np.float64)
+    if images.shape != references.shape or images.ndim != 4:
+        raise ValueError(f"coarse_psnr: expected two (B, H, W, C) arrays of one shape, got {images.shape} and "
+                         f"{references.shape}")
+    h, w = images.shape[1] // factor, images.shape[2] // factor
+    small = lambda batch: np.stack([resize(image, (h, w), "area") for image in batch])
+    mse = np.mean((small(images) - small(references)) ** 2, axis=(1, 2, 3))
+    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))

@@ -86,3 +86,14 @@ def split(min_side: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
     """(train, held-out) photos with both sides >= min_side; the held-out names are `HELD_OUT`."""
     photos = {k: v for k, v in all_photos().items() if min(v.shape[:2]) >= min_side}
     return ({k: v for k, v in photos.items() if k not in HELD_OUT}, {k: v for k, v in photos.items() if k in HELD_OUT})
+
+
+def held_out_pairs(size: int, crops_per_photo: int, seed: int) -> list:
+    """Fixed LR/HR crops of the held-out photos (`EvalPair`s named `held_out_NN`), degraded with their own `seed`:
+    the one held-out set the VAE stage, Flux2SR's validation and the evaluation all measure on."""
+    from foa_jax.data.dataset import DataConfig, Dataset, EvalPair
+
+    _, held_out = split(min_side=size)
+    dataset = Dataset(DataConfig(gt_size=size, crops_per_image=crops_per_photo, seed=seed), held_out,
+                      report=lambda _: None)
+    return [EvalPair(f"held_out_{i:02d}", *dataset.pair(i)) for i in range(dataset.epoch_length)]

@@ -5,7 +5,7 @@
         vae/config.json, vae/diffusion_pytorch_model.safetensors            a diffusers AutoencoderKLFlux2 folder
         transformer/config.json, .../diffusion_pytorch_model.safetensors    a full-weight transformer (tiny preset)
         lora.safetensors                        or a Flux2SR LoRA on a base given separately (the real presets)
-        prompt_embedding.safetensors           the cached prompt embedding
+        prompt_embedding.safetensors           the cached prompt embedding (absent from a VAE-only folder)
 
 Everything is safetensors in diffusers' layout, so `AutoencoderKLFlux2.from_pretrained(folder / "vae")`,
 `Flux2Transformer2DModel.from_pretrained(folder / "transformer")` and `load_lora_adapter(folder / "lora.safetensors",
@@ -55,8 +55,8 @@ class Weights:
 
     vae: dict
     vae_config: vae.VAEConfig
-    prompt: np.ndarray
-    prompt_meta: dict
+    prompt: np.ndarray | None
+    prompt_meta: dict | None
     manifest: dict
     transformer: dict | None = None
     transformer_config: flux2.Flux2Config | None = None
@@ -95,13 +95,14 @@ def provenance(**extra) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
 
 
-def save(folder, *, vae_params: dict, vae_config: vae.VAEConfig, prompt: np.ndarray, prompt_meta: Mapping,
-         provenance: Mapping[str, Any], transformer: tuple[dict, flux2.Flux2Config] | None = None,
+def save(folder, *, vae_params: dict, vae_config: vae.VAEConfig, provenance: Mapping[str, Any],
+         prompt: np.ndarray | None = None, prompt_meta: Mapping | None = None,
+         transformer: tuple[dict, flux2.Flux2Config] | None = None,
          lora: tuple[dict, lora_lib.LoRAConfig] | None = None, overwrite: bool = False) -> Path:
     """Write a weights folder (float32 tensors) and its manifest; returns the folder.
 
-    Exactly one of `transformer` (a full-weight model) and `lora` (an adapter) may be given, or neither (a VAE-only
-    folder, as the tiny VAE stage writes). An existing folder is an error unless `overwrite`.
+    At most one of `transformer` (a full-weight model) and `lora` (an adapter) may be given; a folder with neither
+    and no prompt is a VAE-only folder (the tiny VAE stage's). An existing folder is an error unless `overwrite`.
     """
     folder = Path(folder)
     if transformer is not None and lora is not None:
@@ -118,7 +119,8 @@ def save(folder, *, vae_params: dict, vae_config: vae.VAEConfig, prompt: np.ndar
     if lora is not None:
         tree, config = lora
         lora_io.export_lora(tmp / LORA, _tree_float32(tree), config)
-    text_encoder.save_prompt_embedding(tmp / PROMPT, np.asarray(prompt, np.float32), dict(prompt_meta))
+    if prompt is not None:
+        text_encoder.save_prompt_embedding(tmp / PROMPT, np.asarray(prompt, np.float32), dict(prompt_meta or {}))
     files = {path.relative_to(tmp).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
              for path in sorted(tmp.rglob("*")) if path.is_file()}
     manifest = {"format": FORMAT, "files": files, "provenance": dict(provenance)}
@@ -179,10 +181,10 @@ def load(folder, lora_base: dict | None = None) -> Weights:
     folder = Path(folder)
     manifest = verify(folder)
     files = manifest["files"]
-    if f"{VAE}/config.json" not in files or PROMPT not in files:
-        raise CorruptWeights(f"{folder}: a weights folder holds {VAE}/ and {PROMPT}; the manifest lists {sorted(files)}")
+    if f"{VAE}/config.json" not in files:
+        raise CorruptWeights(f"{folder}: a weights folder holds {VAE}/; the manifest lists {sorted(files)}")
     vae_params, vae_config = convert.load_vae(folder / VAE)
-    prompt, prompt_meta = text_encoder.load_prompt_embedding(folder / PROMPT)
+    prompt, prompt_meta = text_encoder.load_prompt_embedding(folder / PROMPT) if PROMPT in files else (None, None)
     transformer = transformer_config = adapter = adapter_config = None
     if f"{TRANSFORMER}/config.json" in files:
         transformer, transformer_config = convert.load_transformer(folder / TRANSFORMER)

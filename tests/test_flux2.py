@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import Flux2Pipeline
 
-from foa_jax.models import flux2
+from foa_jax.models import flux2, kernels
 from ports import torch_models
 from tests import torch_reference
 
@@ -169,41 +169,6 @@ def test_bad_inputs_name_expected_and_actual():
         flux2.apply(params, CONFIG.replace(guidance_embeds=False), **base, guidance=TIMESTEPS)
 
 
-# ------------------------------------------------------------------------------------------- chunked attention
-
-ATTN_SHAPE = (2, 37, 4, 16)  # B, S, H, Dh: 37 tokens is no multiple of any chunk (chunks are multiples of 8)
-TINY_BUDGET = 2 * 2 * 37 * 8 * 8  # float64 scores of 2 heads x 8 rows: 5 chunks of 8 rows, heads in 2 groups of 2
-# (score budget, saved-scores budget): the three plans of `flux2._attention_plan`.
-ATTN_PLANS = {"chunks and head groups, recomputed": (TINY_BUDGET, 0), "one padded chunk, recomputed": (None, 0),
-              "one chunk, probabilities saved": (None, None)}
-
-
-def _attn_inputs(dtype, seed=0, head_dim=ATTN_SHAPE[3]):
-    rng = np.random.default_rng(seed)
-    shape = (*ATTN_SHAPE[:3], head_dim)
-    q, k, v = (2.0 * rng.standard_normal(shape) for _ in range(3))  # x2: peaked softmax rows
-    weights = rng.standard_normal((*shape[:2], shape[2] * shape[3]))
-    return [a.astype(dtype) for a in (q, k, v)], weights.astype(dtype)
-
-
-def _torch_attention_and_grads(q, k, v, weights):
-    """Direct softmax(q·kᵀ/√d)·v in float64 torch and the gradients of sum(out · weights) (a random linear map)."""
-    tq, tk, tv = (torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (q, k, v))
-    scores = torch.einsum("bqhd,bkhd->bhqk", tq, tk) / np.sqrt(q.shape[-1])
-    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), tv).reshape(*q.shape[:2], -1)
-    (out * torch.from_numpy(np.asarray(weights, np.float64))).sum().backward()
-    return out.detach().numpy(), [t.grad.numpy() for t in (tq, tk, tv)]
-
-
-def _jax_attention_and_grads(q, k, v, weights, plan):
-    def linear_functional(q, k, v):
-        return jnp.sum(flux2.attention(q, k, v, *plan).astype(weights.dtype) * weights)
-
-    out = jax.jit(flux2.attention, static_argnums=(3, 4))(q, k, v, *plan)
-    grads = jax.jit(jax.grad(linear_functional, argnums=(0, 1, 2)))(q, k, v)
-    return np.asarray(out, np.float64), [np.asarray(g, np.float64) for g in grads]
-
-
 @pytest.mark.parametrize("axes_dims,theta", [((8, 8, 8, 8), 2000), ((32, 32, 32, 32), 2000), ((2, 4, 6, 4), 10000)])
 def test_rope_table_matches_diffusers_pos_embed(axes_dims, theta):
     """The gathered cos/sin tables against diffusers' `Flux2PosEmbed` (float64 angles) on the pipeline's own ids."""
@@ -217,74 +182,6 @@ def test_rope_table_matches_diffusers_pos_embed(axes_dims, theta):
     assert got_cos.shape == got_sin.shape == (len(ids), sum(axes_dims))
     np.testing.assert_allclose(np.asarray(got_cos), want_cos.numpy(), atol=1e-7, rtol=0)
     np.testing.assert_allclose(np.asarray(got_sin), want_sin.numpy(), atol=1e-7, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32, jnp.bfloat16])
-def test_fusion_boundary_is_the_identity(dtype):
-    with jax.enable_x64(dtype == np.float64):
-        x = jnp.asarray(np.random.default_rng(0).standard_normal(64) * 10.0 ** np.arange(-8, 8, 0.25), dtype)
-        x = jnp.concatenate([x, jnp.asarray([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40], dtype)])
-        y = jax.jit(flux2._fusion_boundary)(x)
-        assert y.dtype == x.dtype
-        np.testing.assert_array_equal(np.asarray(y).view(np.uint8), np.asarray(x).view(np.uint8))  # bit for bit
-
-
-def test_attention_plan_chunks_and_head_groups():
-    b, s, h, _ = ATTN_SHAPE
-    assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET) == (2, 8, False)
-    assert flux2._attention_plan(b, h, s, s, 8, 2 * b * h * 8 * s * 8) == (4, 16, False)  # 37 rows: 3 chunks of 16
-    assert flux2._attention_plan(b, h, s, s, 8, 10**9) == (4, 40, False)  # one chunk, padded to 40 rows
-    # Saved probabilities: one unpadded chunk when all scores fit the saved budget, exactly at the boundary.
-    assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET, b * h * s * s * 8) == (4, 37, True)
-    assert flux2._attention_plan(b, h, s, s, 8, TINY_BUDGET, b * h * s * s * 8 - 1) == (2, 8, False)
-    # The tiny preset's training step (batch 8, 256 + 256 + 4 tokens, 4 heads): 34 MB of float32 scores, saved.
-    assert flux2._attention_plan(8, 4, 516, 516, 4, flux2.SCORE_BUDGET_BYTES,
-                                 flux2.SAVED_SCORES_BUDGET_BYTES) == (4, 516, True)
-    # The small benchmark config (4 heads, 1024 + 1024 + 64 tokens): 71 MB saved; recomputed, 4 chunks of 528 rows,
-    # 17.0 MiB of scores.
-    assert flux2._attention_plan(1, 4, 2112, 2112, 4, flux2.SCORE_BUDGET_BYTES,
-                                 flux2.SAVED_SCORES_BUDGET_BYTES) == (4, 2112, True)
-    assert flux2._attention_plan(1, 4, 2112, 2112, 4, flux2.SCORE_BUDGET_BYTES) == (4, 528, False)
-    # FLUX.2-dev, 4096 target + 4096 reference + 512 text tokens (14.5 GB of scores, never saved): 8 rows of all 48
-    # heads fit at batch 1; at batch 4 heads go in groups of 16 (4·16·8·8704·4 B = 17.0 MiB).
-    for batch, group in ((1, 48), (4, 16)):
-        assert flux2._attention_plan(batch, 48, 8704, 8704, 4, flux2.SCORE_BUDGET_BYTES,
-                                     flux2.SAVED_SCORES_BUDGET_BYTES) == (group, 8, False)
-    for batch, heads, length in ((1, 4, 2112), (1, 48, 8704), (4, 48, 8704), (3, 5, 1000), (1, 1, 7)):
-        group, chunk, save = flux2._attention_plan(batch, heads, length, length, 4, flux2.SCORE_BUDGET_BYTES)
-        count = -(-length // chunk)
-        assert not save and chunk % 8 == 0 and heads % group == 0 and count * chunk - length < 8 * count
-        assert batch * group * chunk * length * 4 <= flux2.SCORE_BUDGET_BYTES
-
-
-@pytest.mark.parametrize("precision,tol", [("float64", 1e-12), ("float32", 2e-5)])
-@pytest.mark.parametrize("plan", ATTN_PLANS)
-@pytest.mark.parametrize("head_dim", [ATTN_SHAPE[3], flux2.TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM])
-def test_chunked_attention_and_gradients_match_direct_softmax(precision, tol, plan, head_dim):
-    """Both layouts of the backward's dK and dV (`flux2._key_side_grad`: narrow heads direct, wide ones transposed)."""
-    with jax.enable_x64(precision == "float64"):
-        (q, k, v), weights = _attn_inputs(np.dtype(precision), head_dim=head_dim)
-        out, grads = _jax_attention_and_grads(q, k, v, weights, ATTN_PLANS[plan])
-    expected, expected_grads = _torch_attention_and_grads(q, k, v, weights)
-    scale = np.max(np.abs(expected))
-    print(f"{precision} {plan} Dh={head_dim}: max abs diff out {np.max(np.abs(out - expected)):.2e}")
-    assert np.max(np.abs(out - expected)) <= tol * scale
-    for name, got, want in zip("qkv", grads, expected_grads):
-        print(f"  d{name} max abs diff {np.max(np.abs(got - want)):.2e} (max |d{name}| {np.max(np.abs(want)):.2e})")
-        assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
-
-
-@pytest.mark.parametrize("saved_budget", [0, None])
-def test_chunked_attention_bf16_runs_and_is_close(saved_budget):
-    (q, k, v), weights = _attn_inputs(np.float32)
-    expected, expected_grads = _torch_attention_and_grads(q, k, v, weights)
-    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
-    plan = (TINY_BUDGET // 2, saved_budget)  # float32 scores: the same chunks as float64 at TINY_BUDGET, or saved
-    out, grads = _jax_attention_and_grads(*bf16, jnp.asarray(weights), plan)
-    assert jax.eval_shape(flux2.attention, *bf16).dtype == jnp.bfloat16
-    for got, want in zip([out, *grads], [expected, *expected_grads]):
-        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-        assert rel < 0.02, rel
 
 
 def test_forward_and_gradients_match_diffusers_with_many_attention_chunks(torch_model, monkeypatch):
@@ -307,14 +204,14 @@ def test_forward_and_gradients_match_diffusers_with_many_attention_chunks(torch_
     torch_model.zero_grad(set_to_none=True)
 
     seq = len(img_ids) + 9
-    monkeypatch.setattr(flux2, "SCORE_BUDGET_BYTES", len(TIMESTEPS) * 8 * seq * 8)
-    monkeypatch.setattr(flux2, "SAVED_SCORES_BUDGET_BYTES", 0)
-    assert flux2._attention_plan(len(TIMESTEPS), 2, seq, seq, 8, flux2.SCORE_BUDGET_BYTES) == (1, 8, False)
+    monkeypatch.setattr(kernels, "SCORE_BUDGET_BYTES", len(TIMESTEPS) * 8 * seq * 8)
+    monkeypatch.setattr(kernels, "SAVED_SCORES_BUDGET_BYTES", 0)
+    assert kernels.attention_plan(len(TIMESTEPS), 2, seq, seq, 8, kernels.SCORE_BUDGET_BYTES) == (1, 8, False)
     with jax.enable_x64(True):
         template = lambda: flux2.init(CONFIG, jax.random.key(0))  # noqa: E731
         params = torch_models.jax_params(torch_model, template, flux2.STACKS, dtype=np.float64)
         expected_grads = convert.from_state_dict(jax.eval_shape(template), torch_grads, flux2.STACKS, np.float64)
-        config = CONFIG.replace(dtype="float64", remat="full")
+        config = CONFIG.replace(dtype="float64", remat="full", attention="chunked")
 
         def functional(p):
             prediction = flux2.apply(p, config, x, ctx, TIMESTEPS, img_ids, txt_ids)

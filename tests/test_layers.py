@@ -1,5 +1,6 @@
-"""foa_jax.models.layers: hand-written LayerNorm, RMSNorm and GroupNorm backward passes against plain autodiff, and
-the last-axis product sum they use against NumPy."""
+"""foa_jax.models.layers: hand-written LayerNorm, RMSNorm and GroupNorm backward passes against plain autodiff, the
+last-axis product sum they use against NumPy, and each "cpu" formulation (split products, Eigen-routed, Winograd and
+precomputed-kernel convolutions) against the reference ops."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,9 @@ import pytest
 from foa_jax.models import layers
 
 EPS = 1e-6
+KERNELS = pytest.mark.parametrize("kernels", layers.KERNELS)
+CPU_HLO = pytest.mark.skipif(jax.default_backend() != "cpu",
+                             reason="reads XLA:CPU's compiled program (YNNPACK fusions, Eigen convolutions)")
 
 
 def plain_layer_norm(x):
@@ -40,41 +44,43 @@ def assert_vjp_matches(ours, plain, args, cotangent, tol):
 PRECISIONS = [("float64", 1e-12), ("float32", 2e-5), ("bfloat16", 5e-2)]
 
 
-def layer_norm_case(rng, shape, dtype):
+def layer_norm_case(rng, shape, dtype, kernels):
     x = jnp.asarray(3 * rng.standard_normal(shape) + 1, dtype)
-    return (lambda x: layers.layer_norm(x, EPS)), plain_layer_norm, (x,)
+    return (lambda x: layers.layer_norm(x, EPS, kernels)), plain_layer_norm, (x,)
 
 
-def rms_norm_case(rng, shape, dtype):
+def rms_norm_case(rng, shape, dtype, kernels):
     """Gradients w.r.t. the input and the learned scale (summed over every leading axis)."""
     x = jnp.asarray(2 * rng.standard_normal(shape), dtype)
     scale = jnp.asarray(1 + 0.3 * rng.standard_normal(shape[-1]), dtype)
-    ours, plain = (lambda p, x: layers.rms_norm(p, x, EPS)), (lambda p, x: plain_rms_norm(p["scale"], x))
+    ours, plain = (lambda p, x: layers.rms_norm(p, x, EPS, kernels)), (lambda p, x: plain_rms_norm(p["scale"], x))
     return ours, plain, ({"scale": scale}, x)
 
 
+@KERNELS
 @pytest.mark.parametrize("shape", [(1, 5, 8), (3, 4, 2, 16), (7, 1), (6,)])
 @pytest.mark.parametrize("precision,tol", PRECISIONS)
-def test_channel_dot_is_the_last_axis_sum_of_products(shape, precision, tol):
+def test_channel_dot_is_the_last_axis_sum_of_products(shape, precision, tol, kernels):
     rng = np.random.default_rng(1)
     x, y = (rng.standard_normal(shape) for _ in range(2))
     with jax.enable_x64(precision == "float64"):
         dtype = jnp.dtype(precision)
-        got = layers.channel_dot(jnp.asarray(x, dtype), jnp.asarray(y, dtype))
+        got = layers.channel_dot(jnp.asarray(x, dtype), jnp.asarray(y, dtype), kernels)
         assert got.shape == shape[:-1] + (1,) and got.dtype == dtype
         rounded = [np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, y)]
         want = np.sum(rounded[0] * rounded[1], axis=-1, keepdims=True)
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * np.sqrt(shape[-1]))
 
 
+@KERNELS
 @pytest.mark.parametrize("case", [layer_norm_case, rms_norm_case])
 @pytest.mark.parametrize("shape", [(2, 7, 16), (1, 5, 3, 8)])
 @pytest.mark.parametrize("precision,tol", PRECISIONS)
-def test_norm_backward_matches_autodiff(case, shape, precision, tol):
+def test_norm_backward_matches_autodiff(case, shape, precision, tol, kernels):
     rng = np.random.default_rng(0)
     with jax.enable_x64(precision == "float64"):
         dtype = jnp.dtype(precision)
-        ours, plain, args = case(rng, shape, dtype)
+        ours, plain, args = case(rng, shape, dtype, kernels)
         assert_vjp_matches(ours, plain, args, jnp.asarray(rng.standard_normal(shape), dtype), tol)
 
 
@@ -142,8 +148,8 @@ def test_conv_with_input_grad_kernel_matches_autodiff(kernel_hw, padding, precis
         cotangent = jnp.asarray(rng.standard_normal(out_shape), dtype)
 
         def ours(x, k):
-            module = layers.with_frozen_conv_kernels({"kernel": k, "bias": bias})
-            return layers.conv2d(module, x, padding=padding)
+            module = layers.with_frozen_conv_kernels({"kernel": k, "bias": bias}, "cpu")
+            return layers.conv2d(module, x, padding=padding, kernels="cpu")
 
         assert_vjp_matches(ours, lambda x, k: lax_conv(x, k, padding) + bias, (x, kernel), cotangent, tol)
 
@@ -159,16 +165,16 @@ def compiled_kinds(fn, *args) -> tuple[int, int]:
     return text.count('"kind":"__ynn_fusion"'), text.count(" convolution(")
 
 
-@pytest.mark.parametrize("hw,cin,cout,padding,eigen", [
+EIGEN_CASES = pytest.mark.parametrize("hw,cin,cout,padding,eigen", [
     (32, 16, 32, "SAME", True), (16, 32, 16, ((1, 1), (1, 1)), True), (12, 24, 20, ((2, 0), (1, 1)), True),
     (16, 64, 128, "SAME", False),  # more output channels than EIGEN_MAX_OUT_CHANNELS: YNNPACK threads these
     (16, 8, 32, "SAME", False),  # fewer than EIGEN_MIN_CHANNELS in
     (16, 16, 32, "VALID", False),  # the output cannot be made larger than the input without changing the padding
 ])
-def test_small_convolutions_run_on_eigen_with_the_same_values(hw, cin, cout, padding, eigen):
-    """Stride-1 convolutions in the Eigen range are computed one pixel wider and cropped: the compiled forward and
-    input gradient then hold no YNNPACK fusion (XLA:CPU sends a convolution whose output outgrows its input to
-    Eigen), and output, input gradient and kernel gradient equal autodiff of the plain convolution."""
+
+
+def _eigen_case(hw, cin, cout, padding):
+    """(x, kernel, cotangent, forward on the "cpu" kernels, its input gradient) for one convolution shape."""
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((2, hw, hw + 2, cin)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
@@ -176,13 +182,28 @@ def test_small_convolutions_run_on_eigen_with_the_same_values(hw, cin, cout, pad
     cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
 
     def forward(x, k):
-        return layers.conv2d({"kernel": k}, x, padding=padding)
-
-    assert_vjp_matches(forward, lambda x, k: lax_conv(x, k, padding), (x, kernel), cotangent, 2e-5)
+        return layers.conv2d({"kernel": k}, x, padding=padding, kernels="cpu")
 
     def input_grad(x, k, dy):  # everything an argument: XLA would fold a convolution of constants
         return jax.vjp(lambda x: forward(x, k), x)[1](dy)[0]
 
+    return x, kernel, cotangent, forward, input_grad
+
+
+@EIGEN_CASES
+def test_small_convolutions_on_eigen_have_the_same_values(hw, cin, cout, padding, eigen):
+    """Stride-1 convolutions of the "cpu" kernels (those in the Eigen range computed one pixel wider and cropped):
+    output, input gradient and kernel gradient equal autodiff of the plain convolution."""
+    x, kernel, cotangent, forward, _ = _eigen_case(hw, cin, cout, padding)
+    assert_vjp_matches(forward, lambda x, k: lax_conv(x, k, padding), (x, kernel), cotangent, 2e-5)
+
+
+@CPU_HLO
+@EIGEN_CASES
+def test_small_convolutions_compile_to_eigen(hw, cin, cout, padding, eigen):
+    """The compiled forward and input gradient of a convolution in the Eigen range hold no YNNPACK fusion (XLA:CPU
+    sends a convolution whose output outgrows its input to Eigen)."""
+    x, kernel, cotangent, forward, input_grad = _eigen_case(hw, cin, cout, padding)
     if eigen:
         for fn, args in ((forward, (x, kernel)), (input_grad, (x, kernel, cotangent))):
             ynn, plain = compiled_kinds(fn, *args)
@@ -201,7 +222,7 @@ def test_with_frozen_conv_kernels_adds_the_kernels_each_convolution_uses():
     tree = {"conv": {"kernel": kernel, "bias": jnp.zeros(5)}, "linear": {"kernel": jnp.ones((4, 5))},
             "deeper": {"head": {"kernel": jnp.ones((1, 1, 6, 1))}, "wide": {"kernel": wide},
                        "narrow": {"kernel": narrow}}}
-    got = layers.with_frozen_conv_kernels(tree)
+    got = layers.with_frozen_conv_kernels(tree, "cpu")
     assert set(got["conv"]) == {"kernel", "bias", "input_grad_kernel"} and set(got["linear"]) == {"kernel"}
     assert got["deeper"]["head"]["input_grad_kernel"].shape == (1, 1, 1, 6)
     want = np.asarray(kernel)[::-1, ::-1].transpose(0, 1, 3, 2)  # flipped in space, in and out swapped
@@ -214,33 +235,49 @@ def test_with_frozen_conv_kernels_adds_the_kernels_each_convolution_uses():
     assert "input_grad_kernel" not in tree["conv"] and "winograd_kernel" not in tree["deeper"]["wide"]
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 10, 5), (2, 8, 4, 3), (1, 2, 2, 4)])
+WINOGRAD_SHAPES = pytest.mark.parametrize("shape", [(1, 6, 10, 5), (2, 8, 4, 3), (1, 2, 2, 4)])
+
+
+def _winograd_case(shape, dtype):
+    """(x, kernel, bias, cotangent, the "cpu" convolution through a Winograd kernel derived from its argument)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal(shape), dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 6)) / np.sqrt(9 * shape[-1]), dtype)
+    bias = jnp.asarray(rng.standard_normal(6), dtype)
+    cotangent = jnp.asarray(rng.standard_normal((*shape[:3], 6)), dtype)
+
+    def ours(x, k, padding):
+        module = {"kernel": k, "bias": bias, "winograd_kernel": layers.winograd_kernel(k)}
+        return layers.conv2d(module, x, padding=padding, kernels="cpu")
+
+    return x, kernel, bias, cotangent, ours
+
+
+@WINOGRAD_SHAPES
 @pytest.mark.parametrize("padding", ["SAME", ((1, 1), (1, 1))])
 @pytest.mark.parametrize("precision,tol", PRECISIONS)
 def test_winograd_convolution_matches_autodiff(shape, padding, precision, tol):
     """Output and gradients w.r.t. the input and the kernel of a convolution on Winograd F(2x2, 3x3) against
     autodiff of the plain convolution; the Winograd kernel is derived inside the differentiated function, so its zero
-    cotangent is checked too. The compiled forward and input gradient hold no convolution (their products are
-    batched matmuls): the path is taken."""
-    rng = np.random.default_rng(7)
+    cotangent is checked too."""
     with jax.enable_x64(precision == "float64"):
-        dtype = jnp.dtype(precision)
-        x = jnp.asarray(rng.standard_normal(shape), dtype)
-        kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 6)) / np.sqrt(9 * shape[-1]), dtype)
-        bias = jnp.asarray(rng.standard_normal(6), dtype)
-        cotangent = jnp.asarray(rng.standard_normal((*shape[:3], 6)), dtype)
+        x, kernel, bias, cotangent, ours = _winograd_case(shape, jnp.dtype(precision))
+        assert_vjp_matches(lambda x, k: ours(x, k, padding), lambda x, k: lax_conv(x, k, ((1, 1), (1, 1))) + bias,
+                           (x, kernel), cotangent, tol)
 
-        def ours(x, k):
-            return layers.conv2d({"kernel": k, "bias": bias, "winograd_kernel": layers.winograd_kernel(k)}, x,
-                                 padding=padding)
 
-        assert_vjp_matches(ours, lambda x, k: lax_conv(x, k, ((1, 1), (1, 1))) + bias, (x, kernel), cotangent, tol)
+@CPU_HLO
+@WINOGRAD_SHAPES
+def test_winograd_convolution_compiles_to_products(shape):
+    """The compiled Winograd forward and input gradient hold no convolution (their products are batched matmuls):
+    the path is taken."""
+    x, kernel, _, cotangent, ours = _winograd_case(shape, jnp.float32)
 
-        def input_grad(x, k, dy):
-            return jax.vjp(lambda x: ours(x, k), x)[1](dy)[0]
+    def input_grad(x, k, dy):
+        return jax.vjp(lambda x: ours(x, k, "SAME"), x)[1](dy)[0]
 
-        for fn, args in ((ours, (x, kernel)), (input_grad, (x, kernel, cotangent))):
-            assert compiled_kinds(fn, *args)[1] == 0
+    for fn, args in ((lambda x, k: ours(x, k, "SAME"), (x, kernel)), (input_grad, (x, kernel, cotangent))):
+        assert compiled_kinds(fn, *args)[1] == 0
 
 
 @pytest.mark.parametrize("shape,padding", [((1, 7, 6, 4), "SAME"), ((1, 6, 6, 4), ((1, 1), (0, 2))),
@@ -251,28 +288,45 @@ def test_winograd_kernel_is_ignored_where_it_does_not_apply(shape, padding):
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
     module = {"kernel": kernel, "winograd_kernel": layers.winograd_kernel(kernel)}
-    out, back = jax.vjp(lambda x: layers.conv2d(module, x, padding=padding), x)
-    want, want_back = jax.vjp(lambda x: layers.conv2d({"kernel": kernel}, x, padding=padding), x)
+    out, back = jax.vjp(lambda x: layers.conv2d(module, x, padding=padding, kernels="cpu"), x)
+    want, want_back = jax.vjp(lambda x: layers.conv2d({"kernel": kernel}, x, padding=padding, kernels="cpu"), x)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(back(out)[0]), np.asarray(want_back(out)[0]))
-    assert compiled_kinds(lambda x: layers.conv2d(module, x, padding=padding), x)[1] >= 1
 
 
 def test_strided_convolution_ignores_the_input_grad_kernel():
     """Stride 2 (the encoder's downsampling) keeps autodiff's gradient; the precomputed kernel is for stride 1."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
-    module = layers.with_frozen_conv_kernels({"kernel": jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)})
+    module = layers.with_frozen_conv_kernels({"kernel": jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)},
+                                             "cpu")
     plain = {"kernel": module["kernel"]}
-    grad = jax.grad(lambda x, m: jnp.sum(layers.conv2d(m, x, stride=2, padding=((0, 1), (0, 1))) ** 2))
+    grad = jax.grad(lambda x, m: jnp.sum(layers.conv2d(m, x, stride=2, padding=((0, 1), (0, 1)), kernels="cpu") ** 2))
     np.testing.assert_array_equal(np.asarray(grad(x, module)), np.asarray(grad(x, plain)))
+
+
+@pytest.mark.parametrize("padding", [((0, 1), (0, 1)), "SAME", ((1, 1), (2, 0))])
+@pytest.mark.parametrize("precision,tol", PRECISIONS)
+def test_strided_convolution_gradients_match_autodiff(padding, precision, tol):
+    """The "cpu" strided convolution's kernel gradient (one product per tap) and input gradient against autodiff of
+    the plain convolution, odd sides included."""
+    rng = np.random.default_rng(6)
+    with jax.enable_x64(precision == "float64"):
+        dtype = jnp.dtype(precision)
+        x = jnp.asarray(rng.standard_normal((2, 9, 8, 3)), dtype)
+        kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), dtype)
+        out_shape = jax.eval_shape(lambda x: layers.conv2d({"kernel": kernel}, x, 2, padding), x).shape
+        cotangent = jnp.asarray(rng.standard_normal(out_shape), dtype)
+        assert_vjp_matches(lambda x, k: layers.conv2d({"kernel": k}, x, 2, padding, kernels="cpu"),
+                           lambda x, k: layers.conv2d({"kernel": k}, x, 2, padding), (x, kernel), cotangent, tol)
 
 
 @pytest.mark.parametrize("in_sizes, out_sizes", [([12], [12]), ([12], [4, 4, 4, 6, 6]), ([5, 7], [9]),
                                                  ([3, 4, 5], [2, 10])])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5), ("bfloat16", 3e-2)])
 @pytest.mark.parametrize("with_lora", [False, True])
-def test_linear_pieces_is_concat_linear_split(in_sizes, out_sizes, dtype, tol, with_lora):
+@KERNELS
+def test_linear_pieces_is_concat_linear_split(in_sizes, out_sizes, dtype, tol, with_lora, kernels):
     """Each output piece equals NumPy's (concatenated inputs) @ kernel (+ bias + s·(x@A)@B), split; the gradients
     w.r.t. inputs, kernel and LoRA equal those of the concatenate-matmul-split form."""
     with jax.enable_x64(dtype == "float64"):
@@ -289,14 +343,14 @@ def test_linear_pieces_is_concat_linear_split(in_sizes, out_sizes, dtype, tol, w
         if with_lora:
             want += scale * (x64 @ np.asarray(lora["lora_A"]["kernel"], np.float64)) @ np.asarray(
                 lora["lora_B"]["kernel"], np.float64)
-        got = layers.linear_pieces(p, xs, out_sizes, lora, scale)
+        got = layers.linear_pieces(p, xs, out_sizes, lora, scale, kernels)
         assert [g.shape for g in got] == [(2, 5, size) for size in out_sizes] and all(g.dtype == dtype for g in got)
         norm = np.max(np.abs(want))
         np.testing.assert_allclose(np.concatenate([np.asarray(g, np.float64) for g in got], -1) / norm, want / norm,
                                    atol=tol)
 
         def pieces(p, lora, *xs):
-            return layers.linear_pieces(p, list(xs), out_sizes, lora, scale)
+            return layers.linear_pieces(p, list(xs), out_sizes, lora, scale, kernels)
 
         def concatenated(p, lora, *xs):
             y = layers.linear(p, jnp.concatenate(xs, axis=-1), lora, scale)

@@ -1,4 +1,5 @@
-"""FSDP rule table: the tiny preset on 8 forced host devices matches one device; the real preset shards on paper.
+"""FSDP rule table: the tiny preset's forward and train steps on 8 forced host devices match one device; the real
+preset shards on paper; train states and batches get their shardings.
 
 JAX fixes its device count at start-up, so the multi-device checks run in a fresh interpreter with
 `--xla_force_host_platform_device_count=8`.
@@ -81,6 +82,76 @@ def check_flux2_dev_shards_on_paper():
     assert per_device < 1.01 * total / DEVICES
 
 
+def _tiny_models():
+    """The tiny preset's models, one block of each kind (the stacks are scanned: depth changes no sharding)."""
+    from foa_jax import sr
+    from foa_jax.models import flux2, vae
+
+    config = flux2.preset("tiny", num_layers=1, num_single_layers=1, scan_unroll=1)
+    v_config = vae.VAEConfig.preset("tiny")
+    prompt = np.random.default_rng(3).standard_normal((1, 4, config.joint_attention_dim)).astype(np.float32)
+    return sr.Models(flux2.init(config, jax.random.key(0)), vae.init(v_config, jax.random.key(1)), prompt, config,
+                     v_config)
+
+
+def _two_steps(step, state, frozen, batch):
+    """Metrics of two calls and the final trainable tree, as NumPy."""
+    metrics = []
+    for _ in range(2):
+        state, m = step(state, frozen, batch)
+        metrics.append(jax.device_get(m))
+    return metrics, jax.device_get(state["params"])
+
+
+def _compare(name, single, sharded, step):
+    (m1, p1), (m8, p8) = single, sharded
+    loss = max(abs(float(a["loss"]) - float(b["loss"])) for a, b in zip(m1, m8))
+    params = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                 for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
+    print(f"{name}: 2 steps on {DEVICES} devices vs one: loss {loss:.1e}, trained weights {params:.1e}, "
+          f"{step._cache_size()} compilation(s)")
+    assert loss <= 1e-5 and params <= 1e-5
+    assert step._cache_size() == 1, "the second call recompiled"
+
+
+def check_tiny_train_steps_sharded_equal_single_device():
+    """Tiny SFT (the whole transformer trains, flow matching as the tiny preset) and DPO (a LoRA against the base,
+    two accumulated micro-batches) steps on a (data 2, fsdp 4) mesh against one device. The policy starts away from
+    the base and β is 10: the margin is a difference of float32 errors near 3, whose rounding (~1e-7) β multiplies."""
+    from foa_jax import dpo, losses, lora as lora_lib, sr, train
+
+    assert len(jax.devices()) == DEVICES
+    models = _tiny_models()
+    grid, rng = (2, 2), np.random.default_rng(0)
+    channels = models.transformer_config.in_channels
+    size = grid[0] * models.vae_config.token_factor
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+
+    def run(loss_fn, optim, trainable, frozen, batch):
+        single = _two_steps(train.make_step(loss_fn, optim),
+                            train.init_state(trainable, optim, jax.random.key(5)), frozen, batch)
+        state = sharding.place(train.init_state(trainable, optim, jax.random.key(5)), mesh)
+        step = sharding.jit_train_step(loss_fn, optim, mesh, state, frozen, batch)
+        sharded_batch = jax.device_put(batch, sharding.train_batch_shardings(batch, mesh))
+        return single, _two_steps(step, state, sharding.place(frozen, mesh), sharded_batch), step
+
+    tokens = lambda n: rng.standard_normal((n, 8, grid[0] * grid[1], channels)).astype(np.float32)  # noqa: E731
+    sft_batch = {"z": tokens(1), "cond": tokens(1), "hr": rng.uniform(size=(1, 8, size, size, 3)).astype(np.float32)}
+    sft = sr.sft_loss("full", losses.SFTLossConfig(lambda_pix=0.0, lambda_lpips=0.0), grid)
+    optim = train.OptimConfig(lr=1e-4, warmup=1, weight_decay=0.0)
+    single, sharded, step = run(sft, optim, models.transformer, {"models": models.replace(transformer=None),
+                                                                 "lpips": None}, sft_batch)
+    _compare("SFT", single, sharded, step)
+
+    policy = lora_lib.init(models.transformer, lora_lib.LoRAConfig(rank=4), jax.random.key(6))
+    policy = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(7), a.shape), policy)
+    dpo_batch = {"z_w": tokens(2), "z_l": tokens(2), "cond": tokens(2)}
+    dpo_loss = sr.dpo_loss(dpo.DPOConfig(beta=10.0), grid)
+    optim = train.OptimConfig(lr=1e-4, warmup=1, weight_decay=0.0, grad_accum=2)
+    single, sharded, step = run(dpo_loss, optim, policy, {"models": models, "reference": None}, dpo_batch)
+    _compare("DPO", single, sharded, step)
+
+
 def test_tiny_forward_on_8_devices_matches_single_device():
     assert "max abs diff" in _run_forced("check_tiny_forward_sharded_equals_single_device")
 
@@ -103,3 +174,45 @@ def test_indivisible_dimension_is_an_error():
         sharding.spec_for("transformer_blocks.attn.to_q.kernel", (8, 64, 64), fake)
     with pytest.raises(ValueError, match="mesh data=2 x fsdp=1 = 2 devices"):
         sharding.make_mesh(data=2, fsdp=1)
+
+
+def test_tiny_train_steps_on_8_devices_match_single_device():
+    out = _run_forced("check_tiny_train_steps_sharded_equal_single_device")
+    assert "SFT: 2 steps" in out and "DPO: 2 steps" in out, out
+
+
+def test_train_state_shardings_follow_the_parameter_rules():
+    """Optimizer moments (inside optax's tuples and namedtuples) get their parameter's spec, counters and keys are
+    replicated; a frozen base nested in a dict and int8 codes keep the stacked-kernel rule; their scales replicate."""
+    import jax.numpy as jnp
+
+    from foa_jax import lora as lora_lib, quant, train
+    from foa_jax.models import flux2
+
+    mesh = sharding.make_mesh(data=1, fsdp=1)
+    config = flux2.preset("tiny")
+    base = jax.eval_shape(lambda: flux2.init(config, jax.random.key(0)))
+    adapter = jax.eval_shape(lambda: lora_lib.init(base, lora_lib.LoRAConfig(rank=4), jax.random.key(1)))
+    optim = train.OptimConfig()
+    state = jax.eval_shape(lambda a: {"step": jnp.zeros((), jnp.int32), "params": a,
+                                      "opt_state": optim.optimizer().init(a), "key": jax.random.key(0)}, adapter)
+    specs = {sharding.path_of(path): s.spec
+             for path, s in jax.tree_util.tree_leaves_with_path(sharding.shardings(state, mesh))}
+    assert specs["opt_state.1.0.mu.transformer_blocks.attn.to_q.lora_A.kernel"] == P(None, "fsdp", None)
+    assert specs["opt_state.1.0.nu.single_transformer_blocks.attn.to_out.lora_B.kernel"] == P(None, None, "fsdp")
+    assert specs["opt_state.1.0.count"] == P() and specs["step"] == P() and specs["key"] == P()
+    frozen = {"transformer": jax.eval_shape(lambda p: quant.quantize(p, "int8"), base)}
+    specs = {sharding.path_of(path): s.spec
+             for path, s in jax.tree_util.tree_leaves_with_path(sharding.shardings(frozen, mesh))}
+    assert specs["transformer.transformer_blocks.attn.to_q.kernel"] == P(None, "fsdp", None)
+    assert specs["transformer.transformer_blocks.attn.to_q.kernel_scale"] == P()
+    assert specs["transformer.x_embedder.kernel"] == P("fsdp", None)
+
+
+def test_train_batches_never_split_the_accumulation_axis():
+    mesh = sharding.make_mesh(data=1, fsdp=1)
+    got = sharding.train_batch_shardings({"z": jax.ShapeDtypeStruct((8, 2, 16, 4), np.float32)}, mesh)
+    assert got["z"].spec == P(None, ("data", "fsdp"), None, None)
+    fake = type("FakeMesh", (), {"size": 4})()  # train_batch_shardings reads the device count first
+    with pytest.raises(ValueError, match=r"train batch 'cond': shape \(8, 2, 16\) needs a batch axis"):
+        sharding.train_batch_shardings({"cond": jax.ShapeDtypeStruct((8, 2, 16), np.float32)}, fake)

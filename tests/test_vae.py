@@ -225,8 +225,9 @@ def test_bfloat16_runs_close_to_float32():
         assert rel < 0.05, (name, rel)
 
 
+@pytest.mark.parametrize("kernels", layers.KERNELS)
 @pytest.mark.parametrize("height, width, channels, bias", [(3, 5, 2, True), (4, 4, 3, False)])
-def test_upsample_equals_nearest_neighbour_then_conv(height, width, channels, bias):
+def test_upsample_equals_nearest_neighbour_then_conv(height, width, channels, bias, kernels):
     """The sub-pixel form of `Upsample2D` (four 2x2 convs of the input) against the literal x2 repeat + 3x3 conv,
     in float64 on non-square inputs, forward and gradient."""
     rng = np.random.default_rng(0)
@@ -241,7 +242,7 @@ def test_upsample_equals_nearest_neighbour_then_conv(height, width, channels, bi
             return layers.conv2d(conv, upsampled)
 
         def ours(x):
-            return vae._upsample({"conv": conv}, x)
+            return vae._upsample({"conv": conv}, x, kernels)
 
         np.testing.assert_allclose(ours(x), literal(x), rtol=0, atol=1e-12)
         cotangent = jnp.asarray(rng.standard_normal((2, 2 * height, 2 * width, 4)))

