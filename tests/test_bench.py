@@ -1,11 +1,19 @@
 """The benchmark's statistics (the JAX/torch ratio's bootstrap interval against SciPy's, the verdict), its
-worker pooling, the table and the warm-up."""
+worker pooling, the table, the warm-up, and its JAX steps on `foa_jax.sr`'s losses (the DPO step against torch's)."""
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from experiments.bench import measure, report, stats, workers
+from experiments.bench import measure, report, stats, steps, workers
+from experiments.bench.workloads import Workload
+from foa_jax.models import flux2
+
+# The tiny transformer, one block per stack, on a 2 x 2 token grid (32 px through the tiny VAE): the steps' code
+# paths at a test's cost.
+MINI = Workload("mini", flux2.preset("tiny").replace(num_layers=1, num_single_layers=1, scan_unroll=1), batch=1,
+                grid=(2, 2), text_len=4)
 
 
 def lognormal_times(median_ms: float, spread: float, calls: int, seed: int) -> np.ndarray:
@@ -156,3 +164,26 @@ def test_warm_up_repeats_while_calls_grow_the_heap(monkeypatch):
     first = []
     timing = measure.timed(lambda: None, 6, warmup=lambda: first.append(None))
     assert len(timing["all_ms"]) == 6 and len(timing["warmup_ms"]) == 1 and first == [None]
+
+
+def test_dpo_step_matches_torch():
+    """The JAX DPO step (`sr.dpo_loss`) and the torch one agree on the first step's loss, Δ and gradient norm."""
+    ours, theirs = steps.dpo_step_jax(MINI, 1), steps.dpo_step_torch(MINI, 1)
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3)
+    assert ours["delta"] == pytest.approx(theirs["delta"], abs=1e-6)
+    assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3)
+
+
+def test_lora_step_loss_takes_the_setup():
+    """The LoRA step's loss (`sr.sft_loss`, LPIPS frozen) traces on the bench's setup and reports every term (shapes
+    only: compiling the decoder and LPIPS backward is what the bench itself measures)."""
+    from foa_jax import sr
+    from foa_jax.models import layers
+    from ports.lpips_weights import load_lpips_params
+
+    s = steps.sft_setup(MINI)
+    models = sr.Models(s.params, s.vae_params, jax.numpy.asarray(s.prompt), MINI.config, steps.TINY_VAE)
+    frozen = {"models": models, "lpips": layers.with_frozen_conv_kernels(load_lpips_params(s.loss.lpips_net))}
+    loss = sr.sft_loss("lora", s.loss, MINI.grid, 1.0, steps.LORA.scale)
+    value, terms = jax.eval_shape(loss, s.adapter, frozen, s.batch, jax.random.PRNGKey(0), 0)
+    assert value.shape == () and {"fm", "pix", "lpips"} <= set(terms)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from experiments.bench import measure, workers
 from experiments.bench.workloads import LORA, SEED, SR_WORK, TINY_VAE, Workload, dpo_setup, sft_setup, step_noise
-from foa_jax import sr, train
+from foa_jax import dpo, sr, train
 from foa_jax.models import layers
 from ports import torch_steps
 
@@ -56,17 +56,14 @@ def timed_torch_step(run, repeats: int) -> dict:
 
 
 def lora_step_jax(work: Workload, repeats: int) -> dict:
-    from experiments import sft
     from ports.lpips_weights import load_lpips_params
 
     s = sft_setup(work)
     models = sr.Models(s.params, s.vae_params, jnp.asarray(s.prompt), work.config, TINY_VAE)
-    config = sft.SFTConfig(mode="lora", lora=LORA, loss=s.loss, optim=s.optim, bf16=False, remat="none",
-                           guidance=1.0)
-    frozen = {"transformer": s.params, "vae": s.vae_params,
-              "lpips": layers.with_frozen_conv_kernels(load_lpips_params("vgg"))}
-    timing, first = timed_jax_step(sft.make_loss(models, config, work.grid, work.pixels), s.optim, s.adapter, frozen,
-                                   s.batch, repeats)
+    frozen = {"models": models,
+              "lpips": layers.with_frozen_conv_kernels(load_lpips_params(s.loss.lpips_net), TINY_VAE.kernels)}
+    loss = sr.sft_loss("lora", s.loss, work.grid, 1.0, LORA.scale)
+    timing, first = timed_jax_step(loss, s.optim, s.adapter, frozen, s.batch, repeats)
     return {**timing, "loss": float(first["loss"]), "grad_norm": float(first["grad_norm"]),
             "terms": {k: float(first[k]) for k in ("fm", "pix", "lpips")}}
 
@@ -81,29 +78,16 @@ def lora_step_torch(work: Workload, repeats: int) -> dict:
 
 
 def dpo_step_jax(work: Workload, repeats: int) -> dict:
-    from experiments import sft
-    from foa_jax import dpo
-
     s = dpo_setup(work)
     models = sr.Models(s.params, None, jnp.asarray(s.prompt), work.config, TINY_VAE)
-    predict = sft.velocity_fn(models, work.grid, 1.0)
-    config = dpo.DPOConfig()
-
-    def loss_fn(trainable, frozen, micro_batch, key, step):
-        def velocity(adapter, z_t, cond, t):
-            return predict(frozen["transformer"], adapter, LORA.scale, z_t, cond, t)
-
-        return dpo.dpo_loss(velocity, trainable, frozen["reference"], micro_batch, key, config)
-
-    frozen = {"transformer": s.params, "reference": s.reference}
-    timing, first = timed_jax_step(loss_fn, s.optim, s.policy, frozen, s.batch, repeats)
+    frozen = {"models": models, "reference": s.reference}
+    loss = sr.dpo_loss(dpo.DPOConfig(), work.grid, 1.0, LORA.scale)
+    timing, first = timed_jax_step(loss, s.optim, s.policy, frozen, s.batch, repeats)
     return {**timing, "loss": float(first["loss"]), "delta": float(first["delta"]),
             "grad_norm": float(first["grad_norm"])}
 
 
 def dpo_step_torch(work: Workload, repeats: int) -> dict:
-    from foa_jax import dpo
-
     s = dpo_setup(work)
     t, noise = step_noise(s.batch["z_w"].shape, work.batch)
     run = torch_steps.dpo_step(s.model, s.reference, s.policy, LORA, s.batch, s.prompt, t, noise, work.grid,

@@ -14,12 +14,12 @@ from foa_jax import losses, sampling, train
 from foa_jax.models import flux2, vae
 from ports import torch_models
 
-# Both block stacks unrolled (`scan_unroll` = the deeper stack's 4 blocks), as the tiny preset's; the compile-time
-# measurement uses the rolled scan, the one whose compile time stays flat in depth.
-SMALL = flux2.Flux2Config(in_channels=32, num_layers=2, num_single_layers=4, attention_head_dim=128,
-                          num_attention_heads=4, joint_attention_dim=512, axes_dims_rope=(32, 32, 32, 32),
-                          scan_unroll=4)
-TINY_VAE = vae.VAEConfig.preset("tiny")  # 8 latent channels x 2x2 patchify = the 32 input channels above
+TINY_VAE = vae.VAEConfig.preset("tiny")  # 32 latent channels x 2x2 patchify = 128 channels per token
+# Tokens of the tiny VAE's width; both block stacks unrolled (`scan_unroll` = the deeper stack's 4 blocks), as the
+# tiny preset's; the compile-time measurement uses the rolled scan, the one whose compile time stays flat in depth.
+SMALL = flux2.Flux2Config(in_channels=TINY_VAE.token_channels, num_layers=2, num_single_layers=4,
+                          attention_head_dim=128, num_attention_heads=4, joint_attention_dim=512,
+                          axes_dims_rope=(32, 32, 32, 32), scan_unroll=4)
 LORA = lora_lib.LoRAConfig(rank=16, targets="attn+add")
 SEED = 0
 
