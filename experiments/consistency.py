@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from experiments import common
+from experiments import common, configs
 from foa_jax import consistency as C
 from foa_jax.data.dataset import DataConfig, Dataset
 from foa_jax.data.degrade import DegradationConfig, degrade, min_hr_side
@@ -40,7 +40,8 @@ from foa_jax.data.resize import bicubic_upsample
 from ports import photos
 
 FILE_KIND = "foa-jax consistency head v1"
-# The LucidNFT page's table (Qwen3-VL-Embedding-8B, raw -> head): matched LSDIR-Val, mismatched RealSR LR <-> DRealSR HR.
+# The LucidNFT page's table (Qwen3-VL-Embedding-8B, raw -> head): matched LSDIR-Val, mismatched RealSR LR <->
+# DRealSR HR.
 REFERENCE = {"matched": (0.759, 0.890), "mismatched": (0.144, 0.100)}
 
 
@@ -188,7 +189,8 @@ def format_table(table: dict, title: str) -> str:
         raw, head = REFERENCE[key]
         rows.append(f"{label:<26}{cell(table['raw'][key]):>17}{cell(table['head'][key]):>17}    "
                     f"{raw:.3f} → {head:.3f} ({where})")
-    rows.append(f"{'P(matched > mismatched)':<26}{table['raw']['separation']:>17.3f}{table['head']['separation']:>17.3f}")
+    rows.append(f"{'P(matched > mismatched)':<26}{table['raw']['separation']:>17.3f}"
+                f"{table['head']['separation']:>17.3f}")
     return "\n".join(rows)
 
 
@@ -225,10 +227,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--qwen", type=Path, help="local Qwen3-VL-Embedding folder (default backbone: VGG16 of LPIPS)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
-    args = p.parse_args(argv)
-    config = common.apply_overrides(ConsistencyConfig(), args.overrides)
-    if args.steps is not None:
-        config = common.apply_overrides(config, [f"head.steps={args.steps}"])
+    args = p.parse_intermixed_args(argv)  # overrides may stand anywhere on the line, as in the stages
+    try:
+        steps = [] if args.steps is None else [f"head.steps={args.steps}"]
+        config = configs.override(ConsistencyConfig(), [*args.overrides, *steps])
+    except (ValueError, TypeError) as err:
+        p.error(str(err))
     times, start, cpu_start = {}, time.perf_counter(), time.process_time()
 
     description = ({"name": "qwen3-vl-embedding", "folder": str(args.qwen)} if args.qwen else

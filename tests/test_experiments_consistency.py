@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 from scipy.special import erf
 
-from experiments import common
+from experiments import common, configs
 from experiments import consistency as E
 from foa_jax import consistency as C
 from ports import photos
@@ -56,7 +56,7 @@ def test_run_writes_head_report_and_metrics(run):
 def test_held_out_table_matches_a_numpy_recomputation(run):
     """Same crops and degradations rebuilt here, embedded again, scored with the saved head in NumPy float64."""
     out, report, _ = run
-    config = common.apply_overrides(E.ConsistencyConfig(), TINY)
+    config = configs.override(E.ConsistencyConfig(), TINY)
     _, held = photos.split(min_side=config.crop)
     hr, sources, seeds = E.crops(held, config, config.eval_crops, seed=0)
     lr = np.stack([E.lr_view(h, s) for h, s in zip(hr, seeds)])
@@ -99,3 +99,14 @@ def test_bad_config_and_foreign_head_file_are_refused(tmp_path):
         E.load_head(foreign)
     with pytest.raises(ValueError, match=r"unknown consistency backbone 'clip'"):
         E.load_backbone({"name": "clip", "dim": 3})
+
+
+@pytest.mark.parametrize("override, message", [("head.lr=fast", "head.lr='fast': expected a number"),
+                                               ("heads.steps=3", "unknown config field 'heads.steps'"),
+                                               ("crop=100", "ConsistencyConfig.crop: expected a multiple of 16")])
+def test_bad_overrides_stop_before_any_work(override, message, capsys):
+    with pytest.raises(SystemExit):
+        E.main(["--steps", "2", override])
+    assert message in capsys.readouterr().err
+    config = configs.override(E.ConsistencyConfig(), ["head.steps=7", "pooling=last", "head.lr=3e-4"])
+    assert (config.head.steps, config.pooling, config.head.lr) == (7, "last", 3e-4)
