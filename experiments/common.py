@@ -253,12 +253,19 @@ def load_models(args, config, for_training: bool = False, announce=print):
     return sr.Models(t_params, v_params, prompt, t_config, v_config)
 
 
-def resolve_sft(flag: Path | None, preset: str, announce=print) -> Path | None:
-    """The Flux2SR weights folder a stage uses: `--sft`, else (tiny) the shipped one, announced."""
+def resolve_sft(args, announce=print) -> Path | None:
+    """The Flux2SR weights folder a stage uses: `--sft`; none with `--random-init` (a random model is asked for);
+    else (tiny) the shipped one, announced."""
+    flag, random_init = getattr(args, "sft", None), getattr(args, "random_init", False)
     if flag is not None:
+        if random_init:
+            raise ValueError("--sft and --random-init exclude each other: pass one")
         return Path(flag)
-    if preset == "tiny" and (SHIPPED_TINY / "manifest.json").is_file():
-        announce(f"[sft] the shipped tiny Flux2SR {SHIPPED_TINY} (--sft picks another, e.g. runs/foa/sft/weights)")
+    if random_init:
+        return None
+    if args.preset == "tiny" and (SHIPPED_TINY / "manifest.json").is_file():
+        announce(f"[sft] the shipped tiny Flux2SR {SHIPPED_TINY} (--sft picks another, e.g. runs/foa/sft/weights; "
+                 f"`python -m experiments.dpo --retrain` rebuilds it)")
         return SHIPPED_TINY
     return None
 

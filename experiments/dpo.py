@@ -93,7 +93,7 @@ def main(argv=None) -> Path:
     args, config = common.parse(p, argv, "dpo")
     out = args.out or Path("runs/foa/dpo") / args.profile
     pairs_dir = args.pairs or Path("runs/foa/mine")
-    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args.sft, args.preset))
+    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args))
     pairs = artifacts.load_pairs(artifacts.pairs_path(pairs_dir, args.profile), flux2sr.fingerprint, args.preset)
     return run(config.dpo, flux2sr, pairs, args.profile, out, args.seed, args.resume, args.preset)
 

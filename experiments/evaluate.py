@@ -419,7 +419,7 @@ def main(argv=None) -> Path:
         source = (f"bundled held-out photos ({eval_config.held_out.crops} crops of {eval_config.held_out.size} px "
                   f"each)")
     scorer = make_scorer(eval_config, args.iqa_weights)
-    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args.sft, args.preset))
+    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     evaluate(out, flux2sr.models, methods_for(flux2sr, adapter_files), pairs, eval_config, scorer,

@@ -344,7 +344,7 @@ def main(argv=None) -> Path:
     if args.steps is not None:
         p.error("--steps: mining does not train; set the sampler's steps with sample_steps=N")
     scorer = iqa.Scorer(config.mine.metric_names, weights_dir=args.iqa_weights)  # missing weight files fail here
-    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args.sft, args.preset))
+    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args))
     source = common.photo_folders(args.hr) if args.hr else None
     return run(config.mine, flux2sr, Path(args.out), args.seed, args.resume, source, scorer, args.preset)
 

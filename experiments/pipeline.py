@@ -98,7 +98,7 @@ def run(args, config) -> Path:
     if args.retrain or config.preset != "tiny":
         sft_folder = train_flux2sr(args, config, root, timings)
     else:
-        sft_folder = common.resolve_sft(None, config.preset)
+        sft_folder = common.resolve_sft(args)
         if sft_folder is None:
             raise FileNotFoundError(f"the shipped tiny weights are missing from {common.SHIPPED_TINY}: pass --retrain "
                                     f"to train them here")

@@ -36,7 +36,7 @@ def main(argv=None) -> Path:
     if args.num_samples < 1 or args.scale < 1:
         p.error(f"--num-samples and --scale must be >= 1, got {args.num_samples} and {args.scale}")
     settings = config.eval
-    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args.sft, args.preset))
+    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args))
     models = flux2sr.models
     if args.image:
         named = [(path.name, read_image(path)) for path in args.image]

@@ -1,6 +1,5 @@
-"""Experiment plumbing: dotted overrides, JSONL metrics, checkpoints that refuse another run's state."""
-
-import dataclasses
+"""Experiment plumbing: JSONL metrics, checkpoints that refuse another run's state, model loading that never makes a
+model up, the heap reserve."""
 
 import jax
 import jax.numpy as jnp
@@ -8,39 +7,8 @@ import numpy as np
 import pytest
 
 import experiments
-from experiments import common, host
-from foa_jax import lora, losses
-
-
-@dataclasses.dataclass(frozen=True)
-class Inner:
-    rate: float = 0.1
-    sizes: tuple = (1, 2)
-
-
-@dataclasses.dataclass(frozen=True)
-class Outer:
-    name: str = "a"
-    inner: Inner = Inner()
-    flag: bool = False
-
-
-def test_dotted_overrides_parse_and_validate():
-    out = common.apply_overrides(Outer(), ["inner.rate=3e-4", "inner.sizes=[4, 5]", "flag=true", "name=b"])
-    assert out == Outer(name="b", inner=Inner(rate=3e-4, sizes=(4, 5)), flag=True)
-    with pytest.raises(ValueError, match=r"unknown config field 'inner.speed': Inner has \['rate', 'sizes'\]"):
-        common.apply_overrides(Outer(), ["inner.speed=1"])
-    with pytest.raises(ValueError, match="not of the form section.field=value"):
-        common.apply_overrides(Outer(), ["inner.rate"])
-    with pytest.raises(ValueError, match="name is a value, not a section"):
-        common.apply_overrides(Outer(), ["name.x=1"])
-
-
-def test_overrides_reach_library_configs_and_their_validation():
-    config = common.apply_overrides(lora.LoRAConfig(), ["rank=8", "alpha=4"])
-    assert config.scale == 0.5
-    with pytest.raises(ValueError, match="lpips_net must be"):
-        common.apply_overrides(losses.SFTLossConfig(), ["lpips_net=squeeze"])
+from experiments import common, configs, host
+from ports import weights
 
 
 def test_metrics_append_and_truncate(tmp_path):
@@ -69,8 +37,8 @@ def test_checkpoints_round_trip_and_refuse_a_different_state(tmp_path):
 def test_prepare_out_refuses_to_overwrite_checkpoints(tmp_path):
     (tmp_path / "run" / "checkpoints" / "1").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="pass --resume"):
-        common.prepare_out(tmp_path / "run", resume=False, config=Outer())
-    assert common.prepare_out(tmp_path / "run", resume=True, config=Outer()) == tmp_path / "run"
+        common.prepare_out(tmp_path / "run", resume=False, config=configs.get("tiny").sft)
+    assert common.prepare_out(tmp_path / "run", resume=True, config=configs.get("tiny").sft) == tmp_path / "run"
 
 
 def test_a_fresh_process_restores_an_optimizer_state(tmp_path):
@@ -89,16 +57,6 @@ def test_a_fresh_process_restores_an_optimizer_state(tmp_path):
     other = train.init_state({"w": jnp.arange(4.0)}, optim, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"opt_state\.1\.0\.mu\.w"):
         common.Checkpoints(tmp_path / "ck").restore_latest(other)
-
-
-def test_string_fields_take_the_text_as_written():
-    @dataclasses.dataclass(frozen=True)
-    class Policy:
-        remat: str = "full"
-        alpha: float | None = 1.0
-
-    assert common.apply_overrides(Policy(), ["remat=none", "alpha=none"]) == Policy(remat="none", alpha=None)
-    assert common.apply_overrides(Inner(), ["sizes=(psnr, ssim,lpips)"]).sizes == ("psnr", "ssim", "lpips")
 
 
 def test_cached_fingerprint_is_computed_once_per_file_state(tmp_path, monkeypatch):
@@ -123,26 +81,29 @@ def test_cached_fingerprint_is_computed_once_per_file_state(tmp_path, monkeypatc
     stat = shard.stat()
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert common.cached_fingerprint([weights], compute) == "hash2"
-    assert common.cached_fingerprint(None, compute) == "hash3"
-    assert common.cached_fingerprint(None, compute) == "hash4"
 
 
-def test_model_sources_name_every_file_a_stage_loads(tmp_path):
+def _flags(**changes):
     import argparse
 
-    weights = tmp_path / "weights"
-    (weights / "transformer").mkdir(parents=True)
-    (weights / "vae").mkdir()
-    args = argparse.Namespace(transformer=None, vae=None, prompt_embedding=None)
-    assert common.model_sources(args, weights) is None  # no prompt embedding: a random one would be drawn
-    (weights / "prompt_embedding.safetensors").write_bytes(b"")
-    assert common.model_sources(args, weights) == [weights / "transformer", weights / "vae",
-                                                   weights / "prompt_embedding.safetensors"]
-    (weights / "lora.safetensors").write_bytes(b"")
-    args.vae = tmp_path / "converted_vae"
-    assert common.model_sources(args, weights) == [weights / "transformer", tmp_path / "converted_vae",
-                                                   weights / "prompt_embedding.safetensors",
-                                                   weights / "lora.safetensors"]
+    flags = {"transformer": None, "vae": None, "prompt_embedding": None, "random_init": False, "seed": 0}
+    return argparse.Namespace(**{**flags, **changes})
+
+
+def test_no_model_is_made_up_without_asking(tmp_path):
+    """A missing Flux2SR is an error naming --sft; --random-init gives a random tiny model that says so."""
+    tiny, dev = configs.get("tiny"), configs.get("flux2-dev")
+    with pytest.raises(FileNotFoundError, match="--sft"):
+        common.load_flux2sr(_flags(), tiny, None)
+    with pytest.raises(FileNotFoundError, match="--sft"):
+        common.load_flux2sr(_flags(random_init=True), dev, None)
+    announced = []
+    flux2sr = common.load_flux2sr(_flags(random_init=True), tiny, None, announce=announced.append)
+    assert flux2sr.random and "RANDOM" in flux2sr.source and "RANDOM" in announced[0]
+    with pytest.raises(FileNotFoundError, match="--transformer is required"):
+        common.load_models(_flags(), dev)
+    with pytest.raises(weights.CorruptWeights, match="no manifest.json"):
+        common.load_flux2sr(_flags(), tiny, tmp_path)
 
 
 def test_reserve_step_heap_reserves_three_times_the_temporaries(monkeypatch):

@@ -20,6 +20,7 @@ from scipy.signal import correlate2d
 from skimage import data
 from skimage import metrics as skm
 
+from experiments import configs
 from experiments import evaluate as E
 from foa_jax import lora, sr
 from foa_jax.models import flux2
@@ -93,7 +94,7 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(folders, adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    E.main(["--out", str(out), "--sft", str(out / "no_weights"), "--lr", str(folders / "lr"), "--hr",
+    E.main(["--out", str(out), "--random-init", "--lr", str(folders / "lr"), "--hr",
             str(folders / "hr"), "--lr-suffix", "_LR4", "--adapter", f"zero={adapters['zero']}",
             "--adapter", f"lora={adapters['lora']}", *OVERRIDES])
     return out
@@ -206,10 +207,10 @@ def test_sr_output_does_not_depend_on_its_batch(run):
     """Every input starts from the same noise, so an image's output is the same alone or in a batch."""
     import types
 
-    from experiments import common
+    from experiments import common, configs
 
-    args = types.SimpleNamespace(preset="tiny", transformer=None, vae=None, prompt_embedding=None, seed=0)
-    models = common.load_models(args, announce=lambda _: None)
+    args = types.SimpleNamespace(preset="tiny", random_init=True, seed=0)
+    models = common.load_flux2sr(args, configs.get("tiny"), None, announce=lambda _: None).models
     # the run sampled all three images in one batch; here the second one runs alone
     alone = sr.super_resolve(models, _read(run / "images" / "LR" / "coffee.png")[None], (64, 80), seed=0, steps=2,
                             guidance=1.0)
@@ -232,7 +233,7 @@ def test_unmatched_folders_raise_before_any_work(folders, tmp_path, monkeypatch)
         E.main(["--out", str(tmp_path / "out"), "--lr", str(folders / "lr"), "--hr", str(hr), "--lr-suffix", "_LR4"])
 
 
-def test_config_errors_name_the_known_values():
+def test_config_errors_name_the_known_values(capsys):
     with pytest.raises(ValueError, match=r"unknown metric 'psnrr'; known metrics: psnr, ssim, lpips"):
         E.EvalConfig(metrics=("psnrr", "ssim"))
     with pytest.raises(ValueError, match=r"nr_metric: expected one of the no-reference metrics in metrics \['piqe'\]"):
@@ -240,13 +241,14 @@ def test_config_errors_name_the_known_values():
     with pytest.raises(ValueError, match=r"no-reference metrics in metrics \[\]"):
         E.EvalConfig(metrics=("psnr", "ssim"))
     assert E.EvalConfig(metrics=("psnr", "piqe", "niqe")).plot_metric == "piqe"
-    assert E.PRESETS["tiny"].plot_metric == "niqe" and E.PRESETS["full"].plot_metric == "clipiqa"
+    assert configs.get("tiny").eval.plot_metric == "niqe" and configs.get("flux2-dev").eval.plot_metric == "clipiqa"
     with pytest.raises(ValueError, match="psnr is required"):
         E.EvalConfig(metrics=("ssim", "piqe"), nr_metric="piqe")
-    with pytest.raises(ValueError, match=r"unknown config field 'metric'"):
-        E.config_for("tiny", ["metric=('psnr',)"])
-    assert E.config_for("tiny").metrics == E.OFFLINE_METRICS
-    assert E.config_for("flux2-dev").metrics == E.PAPER_METRICS
+    with pytest.raises(SystemExit):
+        E.main(["metric=('psnr',)"])
+    assert "unknown config field 'metric'" in capsys.readouterr().err
+    assert configs.get("tiny").eval.metrics == E.OFFLINE_METRICS
+    assert configs.get("flux2-dev").eval.metrics == E.PAPER_METRICS
     with pytest.raises(ValueError, match=r"'HR'"):
         E.check_methods({"HR": E.BICUBIC})
     with pytest.raises(ValueError, match=r"method 'x': expected 'bicubic', None or \(adapter tree, LoRAConfig\)"):

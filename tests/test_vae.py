@@ -197,10 +197,10 @@ TINY = vae.VAEConfig.preset("tiny")
     (lambda p: vae.encode_tokens(p, TINY, jnp.zeros((1, 32, 40, 3))), "multiples of 16", "32x40"),
     (lambda p: vae.encode(p, TINY, jnp.zeros((1, 32, 32, 4))), "3 channels", "(1, 32, 32, 4)"),
     (lambda p: vae.encode(p, TINY, jnp.zeros((32, 32, 3))), "(B, H, W, C)", "(32, 32, 3)"),
-    (lambda p: vae.decode(p, TINY, jnp.zeros((1, 4, 4, 4))), "8 channels", "(1, 4, 4, 4)"),
-    (lambda p: vae.decode_tokens(p, TINY, jnp.zeros((1, 5, 32)), 32, 48), "2*3=6", "got 5"),
-    (lambda p: vae.decode_tokens(p, TINY, jnp.zeros((1, 6, 16)), 32, 48), "32 channels", "(1, 6, 16)"),
-    (lambda p: vae.decode_tokens(p, TINY, jnp.zeros((1, 6, 32)), 40, 48), "multiples of 16", "40x48"),
+    (lambda p: vae.decode(p, TINY, jnp.zeros((1, 4, 4, 4))), "32 channels", "(1, 4, 4, 4)"),
+    (lambda p: vae.decode_tokens(p, TINY, jnp.zeros((1, 5, 128)), 32, 48), "2*3=6", "got 5"),
+    (lambda p: vae.decode_tokens(p, TINY, jnp.zeros((1, 6, 16)), 32, 48), "128 channels", "(1, 6, 16)"),
+    (lambda p: vae.decode_tokens(p, TINY, jnp.zeros((1, 6, 128)), 40, 48), "multiples of 16", "40x48"),
 ])
 def test_bad_input_names_expected_and_actual(call, expected, actual):
     # Inputs are checked before any parameter is touched, so shapes-only parameters suffice.
