@@ -37,11 +37,14 @@ def _torch_attention_and_grads(q, k, v, weights):
 
 
 def _jax_attention_and_grads(q, k, v, weights, plan):
+    """The forward on its own and the gradients of sum(out · weights), compiled as one program (one compile)."""
     def linear_functional(q, k, v):
         return jnp.sum(kernels.chunked_attention(q, k, v, *plan).astype(weights.dtype) * weights)
 
-    out = jax.jit(kernels.chunked_attention, static_argnums=(3, 4))(q, k, v, *plan)
-    grads = jax.jit(jax.grad(linear_functional, argnums=(0, 1, 2)))(q, k, v)
+    def both(q, k, v):
+        return kernels.chunked_attention(q, k, v, *plan), jax.grad(linear_functional, argnums=(0, 1, 2))(q, k, v)
+
+    out, grads = jax.jit(both)(q, k, v)
     return np.asarray(out, np.float64), [np.asarray(g, np.float64) for g in grads]
 
 
@@ -215,17 +218,28 @@ def _assert_close(got, want, tol, what):
         assert np.max(np.abs(np.asarray(a, np.float64) - b)) <= tol * scale, f"{what} {jax.tree_util.keystr(path)}"
 
 
+def _numpy_tree(shapes, draw):
+    """float32 arrays `draw(path, shape)` in the structure of a tree of ShapeDtypeStructs."""
+    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(draw(path, s.shape), jnp.float32), shapes)
+
+
 def test_transformer_cpu_kernels_equal_reference():
     """The tiny transformer (one block of each kind) with a LoRA, "chunked" + "cpu" against "xla" + "reference":
     output and the adapter's gradient, float32."""
-    from foa_jax import lora as lora_lib, sampling
+    from foa_jax import lora as lora_lib
+    from foa_jax import sampling
 
     cpu = flux2.preset("tiny", num_layers=1, num_single_layers=1, attention="chunked", kernels="cpu")
     reference = cpu.replace(attention="xla", kernels="reference")
-    params = flux2.init(cpu, jax.random.key(0))
-    adapter = lora_lib.init(params, lora_lib.LoRAConfig(rank=4), jax.random.key(1))
-    adapter = jax.tree.map(lambda a: a + 0.01, adapter)  # B = 0 at init would hide the adapter's products
     rng = np.random.default_rng(0)
+    # flux2.init's and lora_lib.init's distributions drawn by NumPy (no compile of one random draw per leaf);
+    # B = 0.01, not 0, so the adapter's products count.
+    params = _numpy_tree(jax.eval_shape(lambda: flux2.init(cpu, jax.random.key(0))), lambda path, shape: (
+        np.ones(shape) if path[-1].key == "scale" else rng.standard_normal(shape) / np.sqrt(shape[-2])))
+    adapter = _numpy_tree(jax.eval_shape(lambda: lora_lib.init(params, lora_lib.LoRAConfig(rank=4),
+                                                               jax.random.key(1))), lambda path, shape: (
+        np.full(shape, 0.01) if path[-2].key == "lora_B"
+        else rng.uniform(-1, 1, shape) / np.sqrt(shape[-2]) + 0.01))
     img_ids, txt_ids = sampling.image_ids((2, 3), [(2, 3)]), sampling.text_ids(5)
     x = jnp.asarray(rng.standard_normal((2, len(img_ids), cpu.in_channels)), jnp.float32)
     ctx = jnp.asarray(rng.standard_normal((2, 5, cpu.joint_attention_dim)), jnp.float32)
