@@ -47,7 +47,7 @@ REFERENCE = {"matched": (0.759, 0.890), "mismatched": (0.144, 0.100)}
 
 @dataclass(frozen=True)
 class ConsistencyConfig:
-    """What the head trains and is scored on; defaults fit ~3 minutes of the VGG backbone on 2 CPU cores."""
+    """What the head trains and is scored on; the defaults are sized for the VGG backbone on a CPU."""
 
     crop: int = 256
     train_crops: int = 1  # HR crops per training photo
