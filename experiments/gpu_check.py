@@ -74,7 +74,8 @@ def parity_rows(device, cpu) -> list[dict]:
     images = rng.uniform(-1, 1, (1, 64, 64, v_config.in_channels)).astype(np.float32)
 
     def transformer(config):
-        return jax.jit(lambda p, a, x, c: flux2.apply(p, config, x, c, t, img_ids, txt_ids, jnp.ones(2), lora=a))
+        return jax.jit(lambda p, a, x, c: flux2.apply(p, config, x, c, t, img_ids, txt_ids, jnp.ones(2), lora=a,
+                                                      lora_scale=1.0))
 
     def autoencoder(config):
         return jax.jit(lambda p, x: vae.decode(p, config, vae.encode(p, config, x)))

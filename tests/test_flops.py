@@ -35,7 +35,8 @@ def _transformer_case():
     ctx = jax.ShapeDtypeStruct((BATCH, TEXT, CONFIG.joint_attention_dim), jnp.float32)
 
     def forward(p, a, x, ctx):
-        return flux2.apply(p, CONFIG, x, ctx, jnp.full((BATCH,), 0.5), img_ids, txt_ids, jnp.ones(BATCH), lora=a)
+        return flux2.apply(p, CONFIG, x, ctx, jnp.full((BATCH,), 0.5), img_ids, txt_ids, jnp.ones(BATCH), lora=a,
+                           lora_scale=1.0)
 
     return forward, (params, adapter, x, ctx), len(img_ids)
 

@@ -117,7 +117,8 @@ def test_transformer_error_against_bf16(width):
 
     def run(base, cfg):
         return np.asarray(jax.jit(lambda p: flux2.apply(p, cfg, x, ctx, jnp.asarray([0.2, 0.8]), img_ids, txt_ids,
-                                                        jnp.ones(2), lora=adapter))(base), np.float64)
+                                                        jnp.ones(2), lora=adapter, lora_scale=1.0))(base),
+                          np.float64)
 
     bf16_config = config.replace(dtype="bfloat16")
     exact = run(params, config)
