@@ -7,7 +7,11 @@ scanned stacks, so the merged weight is never formed during training; the base t
 never differentiated, so gradients and optimizer state exist only for the adapter. `B = 0` at init (PEFT's
 convention) makes a fresh adapter reproduce the base model exactly.
 
-Target sets (SPEC §2, paper App. C.2; single-block modules named explicitly):
+`Adapter` is a tree together with its `LoRAConfig`: `flux2.apply(..., lora=Adapter(tree, config))` applies it at its
+own scale alpha/rank, as diffusers and PEFT apply the same file, so a user never passes the scale by hand. A bare tree
+is the training form (the optimizer state mirrors it); its scale is then an explicit `lora_scale`.
+
+Target sets (paper App. C.2, docs/method.md "LoRA"; single-block modules named explicitly):
 - `attn`: double blocks `attn.to_q`, `attn.to_k`, `attn.to_v`, `attn.to_out.0`; single blocks
   `attn.to_qkv_mlp_proj` and `attn.to_out` (the fused QKV+MLP-in and attention+MLP-out projections, as diffusers'
   FLUX.2 LoRA examples target them).
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from foa_jax import params as P
 
@@ -55,6 +61,40 @@ class LoRAConfig:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
+@struct.dataclass
+class Adapter:
+    """A LoRA tree with the config it was made with, so that it carries its own scale alpha/rank.
+
+    A pytree whose config is static: it passes through `jax.jit`, `jax.grad` and `jax.tree.map` like the bare tree,
+    and `flux2.apply(..., lora=adapter)` equals diffusers/PEFT running the same adapter file. From a file:
+    `Adapter(*ports.lora_io.import_lora(path, base))`.
+    """
+
+    params: dict
+    config: LoRAConfig = struct.field(pytree_node=False)
+
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
+
+def resolve(lora, lora_scale: float | None = None) -> tuple[dict | None, float]:
+    """`(tree, scale)` to apply for `lora` given as an `Adapter`, a bare tree or None.
+
+    An `Adapter` is applied at its own alpha/rank times `lora_scale` (a strength, 1 when None, like the `scale` that
+    diffusers passes through `joint_attention_kwargs`). A bare tree is applied at `lora_scale`, which is then its
+    alpha/rank; left None it is 1 (alpha = rank), with a warning, because a PEFT file with alpha != rank would run
+    at the wrong strength.
+    """
+    if isinstance(lora, Adapter):
+        return lora.params, lora.scale * (1.0 if lora_scale is None else lora_scale)
+    if lora is not None and lora_scale is None:
+        warnings.warn("a bare LoRA tree without lora_scale runs at scale 1.0 (alpha = rank): pass "
+                      "lora.Adapter(tree, config) to apply it at its own alpha/rank, or lora_scale=config.scale",
+                      stacklevel=3)
+    return lora, 1.0 if lora_scale is None else lora_scale
+
+
 def target_modules(params, config: LoRAConfig) -> list[str]:
     """Dotted module paths (stacked names, no layer index) of every Linear the target set adapts."""
     patterns = [re.compile(p) for p in TARGET_SETS[config.targets]]
@@ -79,8 +119,13 @@ def init(params, config: LoRAConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     return P.unflatten(out)
 
 
-def merge(params: dict, lora: dict, config: LoRAConfig) -> dict:
-    """Base weights with the adapter folded in, `W + s·A·B` (for export or adapter-free inference)."""
+def merge(params: dict, lora, config: LoRAConfig | None = None) -> dict:
+    """Base weights with the adapter folded in, `W + s·A·B` (for export or adapter-free inference); `lora` is an
+    `Adapter` (its own scale) or a bare tree with its `config`."""
+    if isinstance(lora, Adapter):
+        lora, config = lora.params, lora.config
+    if config is None:
+        raise TypeError("lora.merge: a bare LoRA tree needs its LoRAConfig (or pass a lora.Adapter)")
     flat = dict(P.flatten(params))
     lora_flat = P.flatten(lora)
     for path in lora_flat:
@@ -94,5 +139,5 @@ def merge(params: dict, lora: dict, config: LoRAConfig) -> dict:
     return P.unflatten(flat)
 
 
-def count(lora: dict) -> int:
-    return P.count(lora)
+def count(lora) -> int:
+    return P.count(lora.params if isinstance(lora, Adapter) else lora)

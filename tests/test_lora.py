@@ -99,3 +99,63 @@ def test_config_validates_itself():
     with pytest.raises(ValueError, match="rank must be a positive int"):
         lora.LoRAConfig(rank=0)
     assert lora.LoRAConfig(rank=16, alpha=8).scale == 0.5
+
+
+def test_an_adapter_carries_its_own_scale():
+    params = flux2.init(CONFIG, jax.random.key(0))
+    config = lora.LoRAConfig(rank=4, alpha=8.0)  # scale 2: a bare tree at the default scale would be off
+    tree = _perturbed(lora.init(params, config, jax.random.key(1)))
+    adapter = lora.Adapter(tree, config)
+    np.testing.assert_array_equal(np.asarray(APPLY(params, CONFIG, *_inputs(), lora=adapter)),
+                                  np.asarray(_run(params, tree, config.scale)))
+    np.testing.assert_allclose(np.asarray(APPLY(params, CONFIG, *_inputs(), lora=adapter)),
+                               np.asarray(_run(lora.merge(params, adapter))), atol=2e-5, rtol=1e-5)
+    # lora_scale on an Adapter is a strength on top of alpha/rank, as diffusers' `scale`
+    np.testing.assert_array_equal(np.asarray(APPLY(params, CONFIG, *_inputs(), lora=adapter, lora_scale=0.5)),
+                                  np.asarray(_run(params, tree, 0.5 * config.scale)))
+    # the config rides along through transformations: gradients of an Adapter are an Adapter of the same config
+    grads = jax.grad(lambda a: jnp.mean(APPLY(params, CONFIG, *_inputs(), lora=a) ** 2))(adapter)
+    assert isinstance(grads, lora.Adapter) and grads.config == config
+    assert lora.count(adapter) == lora.count(tree)
+
+
+def test_a_bare_tree_without_its_scale_warns():
+    params = flux2.init(CONFIG, jax.random.key(0))
+    tree = lora.init(params, lora.LoRAConfig(rank=4), jax.random.key(1))
+    with pytest.warns(UserWarning, match=r"lora.Adapter\(tree, config\)"):
+        flux2.apply(params, CONFIG, *_inputs(), lora=tree)
+    with pytest.raises(TypeError, match="needs its LoRAConfig"):
+        lora.merge(params, tree)
+
+
+def test_a_peft_file_runs_as_diffusers_runs_it(tmp_path):
+    """A PEFT adapter with alpha != rank, saved by diffusers: `Adapter(*import_lora(...))` needs no scale by hand."""
+    import torch
+    from peft import LoraConfig
+
+    from ports import lora_io, torch_models
+
+    model = torch_models.seeded_transformer(CONFIG, seed=0)
+    params = torch_models.jax_params(model, lambda: flux2.init(CONFIG, jax.random.key(0)), flux2.STACKS)
+    single_to_out = [f"single_transformer_blocks.{i}.attn.to_out" for i in range(CONFIG.num_single_layers)]
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", *single_to_out]  # the `attn` set
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "lora_B" in name:
+                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=gen))
+    model.save_lora_adapter(str(tmp_path))
+    x, ctx, t, img_ids, txt_ids = _inputs()
+    with torch.no_grad():
+        expected = model(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(ctx),
+                         timestep=torch.from_numpy(t), img_ids=torch.from_numpy(img_ids),
+                         txt_ids=torch.from_numpy(txt_ids)).sample.numpy()
+    adapter = lora.Adapter(*lora_io.import_lora(tmp_path, CONFIG))
+    assert adapter.scale == 2.0
+    got = np.asarray(APPLY(params, CONFIG, x, ctx, t, img_ids, txt_ids, lora=adapter))
+    at_scale_one = np.asarray(_run(params, adapter.params, 1.0))
+    print(f"PEFT rank 4, alpha 8: max abs diff {np.max(np.abs(got - expected)):.2e}; at scale 1 "
+          f"{np.max(np.abs(at_scale_one - expected)):.2e}")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.max(np.abs(at_scale_one - expected)) > 1e-3, "the scale must matter, or the test proves nothing"

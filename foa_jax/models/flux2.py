@@ -4,13 +4,14 @@ Parameters are nested dicts named like the diffusers state dict (see `foa_jax.pa
 single blocks are stored once with a leading layer axis and run with `lax.scan`: compile time then stays flat in depth
 and `jax.checkpoint` (remat) wraps one block instead of 56.
 
-What makes FLUX.2 differ from FLUX.1 (see FLUX2.md §9) shows up here: modulation is computed once per block type and
+What makes FLUX.2 differ from FLUX.1 shows up here: modulation is computed once per block type and
 shared by every block of that type; nothing has a bias; the MLP is SwiGLU; RoPE has four axes (T, H, W, L); there is
 no pooled text vector. Reference images are just more image tokens with their own position ids (T = 10, 20, ...),
 concatenated after the noisy tokens by the caller.
 
-An optional LoRA pytree (`foa_jax.lora`) mirrors the parameter tree at the adapted Linears; it is applied inside the
-matmuls, `x·W + s·(x·A)·B`, so merged weights are never materialised and the frozen base can stay in bf16.
+An optional LoRA (`foa_jax.lora`: an `Adapter`, which carries its alpha/rank, or a bare tree with `lora_scale`)
+mirrors the parameter tree at the adapted Linears; it is applied inside the matmuls, `x·W + s·(x·A)·B`, so merged
+weights are never materialised and the frozen base can stay in bf16.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from foa_jax import lora as lora_lib
 from foa_jax.models import kernels, layers
 
 STACKS = ("transformer_blocks", "single_transformer_blocks")
@@ -38,9 +40,9 @@ class Flux2Config:
     rematerialisation policy of one scanned block ("none", "full" = save nothing, or a `jax.checkpoint_policies` name).
     `scan_unroll` is the number of blocks per iteration of each block stack's `lax.scan` (its `unroll`); a value at
     least the stack's depth unrolls it completely. Rolled, a scan under autodiff copies every residual of every block
-    into a stacked buffer and back out for the backward pass; unrolled, each block keeps its own buffers (the tiny
-    preset's and the small benchmark config's forward+backward: 8 % faster on this CPU), at compile time that grows
-    with depth. The real-size presets stay rolled.
+    into a stacked buffer and back out for the backward pass; unrolled, each block keeps its own buffers (faster for
+    the tiny preset on the CPU, docs/performance.md, 2026-12-03 late afternoon), at compile time that grows with
+    depth. The real-size presets stay rolled.
 
     `attention` names the attention kernel ("xla", "cudnn", "chunked") and `kernels` the operation set ("reference",
     "cpu"), see `foa_jax.models.kernels`; left None, both are picked from the platform when the config is made
@@ -252,7 +254,7 @@ def rope_table(ids: jax.Array, axes_dims: tuple[int, ...], theta: float) -> tupl
     The pair tables are widened to head_dim by a gather, not a repeat: XLA:CPU counts cos and sin as cheap and
     recomputes them inside every fusion that broadcasts the table over batch and heads (each rope of each block,
     forward and backward), while a gather is a fusion boundary it does not duplicate, so the tables are computed
-    once. Tiny preset, gradient of eight ropes (8 x 516 tokens x 4 heads): 18 -> 4 ms.
+    once (docs/performance.md, 2026-12-03 night).
     """
     ftype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     pos = ids.astype(ftype)
@@ -300,8 +302,8 @@ def _token_affine(x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array
 
     Every modulation and gate of the DiT has this form. Its gradient w.r.t. `scale` is a sum over tokens of
     `dy · x`; autodiff writes that as a multiply fused with a reduction over the middle axis, which XLA:CPU's
-    YNNPACK fusion runs ~20x slower than the same sum written as a contraction (8.2 vs 0.4 ms for 2112 x 512
-    tokens), so the backward pass is given here with the sum as an einsum.
+    YNNPACK fusion runs far slower than the same sum written as a contraction (docs/performance.md, 2026-12-02
+    evening), so the backward pass is given here with the sum as an einsum.
     """
     return x * scale + shift
 
@@ -474,17 +476,19 @@ def apply(
     img_ids: jax.Array,
     txt_ids: jax.Array,
     guidance: jax.Array | None = None,
-    lora: dict | None = None,
-    lora_scale: float = 1.0,
+    lora=None,
+    lora_scale: float | None = None,
 ) -> jax.Array:
     """Velocity prediction for every image token; mirrors `Flux2Transformer2DModel.forward`.
 
     hidden_states (B, N_img + N_ref, in_channels); encoder_hidden_states (B, L, joint_attention_dim); timestep (B,) as
     sigma in [0, 1]; img_ids (N, 4) / txt_ids (L, 4) int position ids (3-D ids: element 0 is used, as diffusers does);
     guidance (B,) or None. Returns (B, N_img + N_ref, out_channels) in the compute dtype; callers drop the reference
-    tokens. `lora` is an adapter tree from `foa_jax.lora` and `lora_scale` its alpha/rank.
+    tokens. `lora` is a `foa_jax.lora.Adapter`, applied at its own alpha/rank (times `lora_scale`, a strength like
+    diffusers' `scale`), or a bare adapter tree applied at `lora_scale`, its alpha/rank (see `lora.resolve`).
     """
     _check_inputs(config, hidden_states, encoder_hidden_states, timestep, guidance)
+    lora, lora_scale = lora_lib.resolve(lora, lora_scale)
     dtype = jnp.dtype(config.dtype)
     b, n = hidden_states.shape[:2]
     length = encoder_hidden_states.shape[1]
