@@ -105,3 +105,29 @@ def test_config_validates_itself():
         losses.SFTLossConfig(lpips_start=20, lpips_end=10)
     with pytest.raises(ValueError, match="lpips_net must be"):
         losses.SFTLossConfig(lpips_net="squeeze")
+
+
+def test_per_sample_losses_average_to_the_batch_losses():
+    a, b = (np.clip(v, 0, 1) for v in _rng_arrays((3, 32, 32, 3), (3, 32, 32, 3), seed=2))
+    per_sample = losses.per_sample_charbonnier(a, b)
+    assert per_sample.shape == (3,)
+    np.testing.assert_allclose(per_sample, np.sqrt((a - b) ** 2 + 1e-6).reshape(3, -1).mean(1), rtol=1e-6)
+    assert float(jnp.mean(per_sample)) == pytest.approx(float(losses.charbonnier(a, b)), rel=1e-6)
+    params = load_lpips_params("alex")
+    per_image = losses.per_sample_lpips(params, "alex", a, b)
+    assert per_image.shape == (3,)
+    for i in range(3):
+        assert float(per_image[i]) == pytest.approx(float(losses.lpips(params, "alex", a[i:i + 1], b[i:i + 1])),
+                                                    rel=1e-5)
+    assert float(jnp.mean(per_image)) == pytest.approx(float(losses.lpips(params, "alex", a, b)), rel=1e-6)
+
+
+def test_the_package_exposes_its_modules():
+    import foa_jax
+
+    assert foa_jax.losses is losses
+    assert {"dpo", "lora", "losses", "models", "rewards", "sampling", "sr", "train"} <= set(foa_jax.__all__)
+    assert foa_jax.models.flux2.preset("tiny").num_layers >= 1
+    assert foa_jax.data.degrade is not None
+    with pytest.raises(AttributeError, match="its modules"):
+        foa_jax.no_such_module
