@@ -2,7 +2,7 @@
 
 Every stage takes `--preset`, `--out DIR`, `--steps`, `--resume`, `--seed`, the model paths
 (`--transformer`, `--vae`, `--prompt-embedding`) and any number of `section.field=value` overrides of its frozen
-dataclass config, e.g. `python -m experiments.sft train.lr=3e-4 lora.rank=16`.
+dataclass config, e.g. `python -m experiments.sft optim.lr=3e-4 lora.rank=16` (docs: README "Configuration").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluate SR methods on LR/HR pairs with raw pyiqa metrics (SPEC §7): bicubic, Flux2SR and each profile adapter.
+"""Evaluate SR methods on LR/HR pairs with raw pyiqa metrics: bicubic, Flux2SR and each profile adapter.
 
     python -m experiments.evaluate [--preset tiny] [--out runs/foa/eval] [--sft runs/foa/sft/weights]
         [--adapter faithful=runs/foa/dpo/faithful.safetensors ...] [--lr DIR --hr DIR [--scale 4]]
@@ -15,7 +15,7 @@ Inputs: the bundled held-out photos (`held_out.crops` fixed crops each, `ports.p
 or `--lr DIR --hr DIR`, paired by file name (`foa_jax.data.dataset.paired_folders`: unmatched names and LR x scale !=
 HR sizes are errors naming the files, raised before any model or metric is loaded).
 
-Outputs in `--out`: `metrics.md` (mean per method, one column per method as SPEC §7 asks, the scorer's pinned settings,
+Outputs in `--out`: `metrics.md` (mean per method, one column per method, the scorer's pinned settings,
 per-image rows), `metrics.csv` (per-image rows), `metrics.json` (everything), `perception_distortion.png` (PSNR
 against the no-reference metric `nr_metric`, one point per method), `crops.png` (the same centre crop of LR, every
 method and HR, side by side) and `images/<method>/<image>.png`, the outputs exactly as scored.
@@ -27,7 +27,7 @@ Choices that change numbers, all recorded in the report:
 - HR sides must be whole tokens (and multiples of the scale and of what the metrics need): other pairs are
   centre-cropped, LR and HR together on the same pixel grid, and each crop is listed in the report. Cropping rather
   than refusing keeps real test sets such as RealSR (arbitrary sizes) usable; it removes at most one token's width.
-- Raw metric values, no normalisation (SPEC §7): the mining normalisation of `foa_jax.rewards` is not applied here.
+- Raw metric values, no normalisation: the mining normalisation of `foa_jax.rewards` is not applied here.
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ def arrow(metric: str) -> str:
 
 
 def mean_table(means: Mapping[str, Mapping[str, float]], metrics: Sequence[str]) -> str:
-    """Markdown: one row per metric, one column per method (SPEC §7), raw means."""
+    """Markdown: one row per metric, one column per method, raw means."""
     methods = list(means)
     lines = ["| metric | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for metric in metrics:

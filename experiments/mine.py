@@ -1,4 +1,4 @@
-"""FoA-SR preference mining (SPEC §3–4): candidate pools, metric scores, profile rewards and winner–loser pairs.
+"""FoA-SR preference mining: candidate pools, metric scores, profile rewards and winner–loser pairs.
 
     python -m experiments.mine [--preset tiny] [--out runs/foa/mine] [--sft runs/foa/sft/weights] [--resume]
                                [--hr DIR ...] [--iqa-weights DIR] [--seed S] [section.field=value ...]
@@ -214,7 +214,7 @@ def candidate_grids(out: Path, scores: np.ndarray, config: MineConfig) -> list[P
 
 def write_report(out: Path, config: MineConfig, scorer: iqa.Scorer, stats: dict[int, rewards.MiningStats],
                  pairs: dict[str, rewards.PreferencePairs], grids: list[Path], summary: dict) -> Path:
-    """`report.md`: run, metrics (scorer registry rows), reward composition, SPEC §4 table, pair counts, grids."""
+    """`report.md`: run, metrics (scorer registry rows), reward composition, statistics table, pair counts, grids."""
     reward, session = config.reward, summary["session"]
 
     def composition(metrics, weights):

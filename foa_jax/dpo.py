@@ -1,4 +1,4 @@
-"""FoA-SR profile DPO (SPEC §5, paper Eq. 8–9): Diffusion-DPO on flow-matching velocities over mined latent pairs.
+"""FoA-SR profile DPO (paper Eq. 8–9): Diffusion-DPO on flow-matching velocities over mined latent pairs.
 
 For a pair `(c, z_w, z_l)` one `t` and one `ε` are drawn and shared by winner and loser, policy and reference, so the
 only thing that differs between the four flow-matching errors is the latent and the weights:

@@ -1,4 +1,4 @@
-"""Profile rewards and preference-mining statistics of FoA-SR (SPEC.md §4; paper §3.2, Eq. 3–7, App. B).
+"""Profile rewards and preference-mining statistics of FoA-SR (paper §3.2, Eq. 3–7, App. B; docs/method.md).
 
 A candidate pool is the K samples one Flux2SR model draws for one LR input, differing only in the seed. Its metric
 scores arrive as an array `(..., K, M)` (usually `(num_inputs, K, M)`, or `(K, M)` for one pool) whose last axis

@@ -1,6 +1,6 @@
 """FLUX.2 position ids, the empirical-mu shifted schedule and a seeded Euler sampler with reference tokens.
 
-Everything here mirrors `Flux2Pipeline` (FLUX2.md §4, §6) so that a JAX run and a diffusers run on the same noise give
+Everything here mirrors `Flux2Pipeline` so that a JAX run and a diffusers run on the same noise give
 the same latents; position ids and sigmas are host-side numpy (they depend only on shapes and step counts), the
 denoising loop is one jitted `lax.scan`.
 """

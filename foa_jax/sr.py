@@ -1,4 +1,4 @@
-"""Flux2SR: super-resolution as FLUX.2 image editing, with the upsampled LR image as the reference (SPEC §1, §3).
+"""Flux2SR: super-resolution as FLUX.2 image editing, with the upsampled LR image as the reference (docs/method.md).
 
 The LR image is resized to the HR size (bicubic), VAE-encoded and packed: its tokens `c` enter the transformer after
 the noisy tokens with position ids `(10, h, w, 0)`, on the same (h, w) grid as the target. A candidate is a full
@@ -70,7 +70,7 @@ def generate(models: Models, cond: jax.Array, noise: jax.Array, num_steps: int, 
              guidance: float | None = 1.0, lora: dict | None = None, lora_scale: float = 1.0) -> jax.Array:
     """Final packed latents (B, N, C) for reference tokens `cond` (B, N, C), starting from `noise` (B, N, C).
 
-    `grid` is the (h, w) token grid. Guidance is the distilled guidance embedding (SPEC §3: 1.0); it is ignored for
+    `grid` is the (h, w) token grid. Guidance is the distilled guidance embedding (1.0, the paper's); it is ignored for
     models without a guidance embedder (Klein). One compiled program per (shape, steps, grid).
     """
     b, n, _ = cond.shape

@@ -1,4 +1,4 @@
-"""Image-quality scores through pyiqa (0.1.16), offline, with every number-changing option pinned (SPEC.md §4, §7).
+"""Image-quality scores through pyiqa (0.1.16), offline, with every number-changing option pinned (docs/method.md).
 
     scorer = Scorer(("psnr", "ssim", "lpips", "dists", "niqe"))
     scores = scorer.score(sr_images, hr_images)     # NHWC in [0, 1], numpy or jax -> {metric: (B,) float64}

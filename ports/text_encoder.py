@@ -1,7 +1,7 @@
 """FLUX.2 prompt embeddings from the Mistral3 text encoder, and the file that caches them.
 
-The embedding is computed exactly as diffusers' `Flux2Pipeline._get_mistral_3_small_prompt_embeds` does (FLUX2.md
-§6): the prompt, with `[IMG]` removed, goes into a [system, user] chat, is tokenised by the chat template padded *and*
+The embedding is computed exactly as diffusers' `Flux2Pipeline._get_mistral_3_small_prompt_embeds` does: the
+prompt, with `[IMG]` removed, goes into a [system, user] chat, is tokenised by the chat template padded *and*
 truncated to `max_length` tokens, and the encoder's hidden states at `layers` (default 10, 20, 30) are concatenated
 along channels, so channel = layer_position·hidden + d. Pad tokens stay in: the DiT sees all `max_length` positions
 without a mask, as in diffusers and BFL.

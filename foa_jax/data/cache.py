@@ -1,4 +1,4 @@
-"""On-disk latent cache for SFT and DPO (SPEC §1: "each training sample is cached as FLUX.2 VAE latents").
+"""On-disk latent cache for SFT and DPO (docs/method.md "Data": each training sample is cached as FLUX.2 VAE latents).
 
 Per sample `i` of a `Dataset`, one file `samples/{i:08d}.npz` holds
 - `z_hr`  (N, C) float32: tokens of the HR crop,

@@ -1,4 +1,4 @@
-"""Training pairs (SPEC §1): random HR crops of `gt_size` from a set of photos -> Real-ESRGAN degradation -> LR.
+"""Training pairs: random HR crops of `gt_size` from a set of photos -> Real-ESRGAN degradation -> LR.
 
 Sample `i` is a pure function of `(config, photo names and sizes, i)`: a trainer that resumes at step `s` asks for
 indices from `s * batch_size` on and sees exactly the pairs an uninterrupted run would have seen, and the latent cache
@@ -41,7 +41,7 @@ class DataConfig:
     HR crops must tile into whole tokens. The scale is the degradation's (`degradation.scale`), kept in one place.
     """
 
-    gt_size: int = 512  # SPEC §1 at full scale; TINY.md uses 256 (preset "tiny")
+    gt_size: int = 512  # the paper's crop at full scale; the tiny preset uses 256
     crops_per_image: int = 1  # crops per photo per epoch
     hflip: bool = False  # mirror half of the crops (seeded per sample): twice the views of a small photo set
     seed: int = 0
@@ -87,7 +87,7 @@ class DataConfig:
 
 PRESETS = {
     "full": DataConfig(),
-    # 256-px crops keep FLUX.2's 16x layout at 256 tokens and are large enough for NIQE (TINY.md).
+    # 256-px crops keep FLUX.2's 16x layout at 256 tokens and are large enough for NIQE.
     "tiny": DataConfig(gt_size=256),
 }
 

@@ -1,4 +1,4 @@
-"""Real-ESRGAN second-order degradation (x4, `train_realesrgan_x4plus.yml`; SPEC §8), host-side in NumPy.
+"""Real-ESRGAN second-order degradation (x4, `train_realesrgan_x4plus.yml`), host-side in NumPy.
 
 The pipeline turns an HR crop into its training LR image:
 
@@ -14,7 +14,7 @@ only computes. A plan therefore depends on the seed alone, not on the image size
 (libjpeg) versions.
 
 Deviations from Real-ESRGAN, all deliberate:
-- Input is the HR image itself. Real-ESRGAN degrades its unsharp-masked GT (`gt_usm`); SPEC §8 starts at the blur.
+- Input is the HR image itself. Real-ESRGAN degrades its unsharp-masked GT (`gt_usm`); we start at the blur.
 - JPEG is Pillow's libjpeg (4:2:0 chroma subsampling, the drawn quality rounded to an integer) on the image rounded
   to 8 bits, decoded to 8 bits. Real-ESRGAN uses DiffJPEG (non-differentiable mode) on float images: fractional
   quality, quantisation tables scaled by a float factor (libjpeg rounds and clips them), zero padding to a multiple

@@ -198,8 +198,8 @@ def _channel_sums(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(Σ_n x, Σ_n x·y) over the pixel axis of (B, N, C) arrays, each (B, C).
 
     Written as a one-axis sum and a contraction because XLA:CPU's YNNPACK fusion runs the reduction over pixels and
-    channels-in-group that autodiff and the textbook formula produce ~5-8x slower (a 256x256x32 GroupNorm's
-    statistics: 4.8 ms as mean and centred variance, 0.6 ms as these two sums).
+    channels-in-group that autodiff and the textbook formula produce several times slower (docs/performance.md,
+    2026-12-03, "GroupNorm's reductions").
     """
     return jnp.sum(x, axis=1), jnp.einsum("bnc,bnc->bc", x, y)
 

@@ -1,6 +1,6 @@
 """The FLUX.2 VAE (diffusers' `AutoencoderKLFlux2`) as pure JAX functions over an NHWC parameter pytree.
 
-It is an SD-style KL autoencoder (FLUX2.md §5): 8x spatial downsampling for four blocks, a single-head attention in
+It is an SD-style KL autoencoder: 8x spatial downsampling for four blocks, a single-head attention in
 each mid block, and a diagonal Gaussian posterior of which FLUX.2 only ever uses the mode. What makes it FLUX.2's is
 the latent interface: the 2x2 patchify that moved out of the transformer, and a BatchNorm's running statistics that
 replace SD's scaling/shift factors. `encode_tokens`/`decode_tokens` are the whole pipeline path
@@ -189,7 +189,7 @@ def _decoder_stages(config: VAEConfig) -> list[tuple[int, int, str | None]]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Initialisation: torch's default (uniform ±1/sqrt(fan_in) for weights and biases), GroupNorm 1/0, BN stats 0/1.
 # The tree is first described leaf by leaf (shape and bound), then filled from a single uniform draw: one random op
-# for the whole model instead of one per tensor, which would take XLA ~20 s to compile even for the tiny preset.
+# for the whole model instead of one per tensor, which XLA would compile far more slowly, even for the tiny preset.
 
 
 @dataclass(frozen=True)
