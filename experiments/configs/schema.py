@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from foa_jax import dpo as dpo_lib
 from foa_jax import lora as lora_lib
 from foa_jax import losses, rewards, train
+from foa_jax import nft as nft_lib
 from foa_jax.data.dataset import DataConfig
 from foa_jax.models import flux2, vae
 
 MINING_DATA_SEED = 20_011  # mining crops and degradations differ from the SFT cache (seed 0) and the held-out crops
 HELD_OUT_SEED = 10_007  # the bundled held-out crops' degradation seed
+NFT_DATA_SEED = 30_011  # LucidNFT's training LR crops differ from the SFT cache and the mining inputs
+CONSISTENCY_REWARD = "consistency"  # LucidConsistency(LR, SR); every other reward name is a no-reference metric
 TARGETS = ("hr", "reference")
 INITS = ("torch", "identity")
 
@@ -179,6 +182,86 @@ class DPOStageConfig:
 
 
 @dataclass(frozen=True)
+class NFTStageConfig:
+    """LucidNFT on Flux2SR: K rollouts per LR from the old policy, rewards, advantages, the DiffusionNFT loss.
+
+    `steps` counts iterations (rollouts, then one optimiser step per training timestep of the sampler's grid, then
+    the old-policy EMA); `rewards` are "consistency" and no-reference metric names, fused with `weights`. Every
+    check runs here, so a bad name, K < 2 or a zero total weight fails before any model is loaded.
+    """
+
+    rewards: tuple[str, ...] = (CONSISTENCY_REWARD, "niqe", "piqe")
+    weights: tuple[float, ...] = ()  # one per reward; () weighs every reward 1, so `rewards=` alone stays valid
+    advantages: str = "decoupled"
+    renormalise: bool = False
+    group_size: int = 4  # K rollouts per LR
+    groups: int = 2  # LR inputs per iteration
+    inputs: int = 16  # the training LR pool when no --lr folder is given
+    sample_steps: int = 10
+    timestep_fraction: float = 0.99
+    decay_type: int = 1
+    guidance: float = 1.0
+    nft: nft_lib.NFTConfig = field(default_factory=nft_lib.NFTConfig)
+    lora: lora_lib.LoRAConfig = field(default_factory=lora_lib.LoRAConfig)  # used only when Flux2SR has no adapter
+    optim: train.OptimConfig = field(default_factory=lambda: train.OptimConfig(lr=3e-4, warmup=0))
+    data: DataConfig = field(default_factory=lambda: dataclasses.replace(DataConfig.preset("full"),
+                                                                         seed=NFT_DATA_SEED))
+    held_out: HeldOut = field(default_factory=lambda: HeldOut(size=512, crops=1))
+    eval_inputs: int = 4  # held-out crops of the final evaluation and the held-out reward curves
+    eval_every: int = 10  # iterations between held-out reward points
+    bf16: bool = True
+    remat: str = "full"
+    checkpoint_every: int = 10
+    steps: int = 200
+
+    def __post_init__(self):
+        from ports import iqa
+
+        name = type(self).__name__
+        object.__setattr__(self, "rewards", tuple(self.rewards))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        _positive_ints(self, ("groups", "inputs", "sample_steps", "eval_inputs", "eval_every", "checkpoint_every",
+                              "steps"))
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"{name}.group_size: K rollouts per LR must be an int >= 2 (a group's mean and std need "
+                             f"two), got {self.group_size!r}")
+        if not self.rewards:
+            raise ValueError(f"{name}.rewards: expected at least one reward name")
+        for reward in self.rewards:
+            if reward == CONSISTENCY_REWARD:
+                continue
+            try:
+                entry = iqa.registry_entry(reward)
+            except ValueError as err:
+                raise ValueError(f"{name}.rewards: unknown reward {reward!r}: expected {CONSISTENCY_REWARD!r} or a "
+                                 f"no-reference metric of the scorer ({err})") from None
+            if entry.full_reference:
+                raise ValueError(f"{name}.rewards: {reward!r} needs an HR reference, which LucidNFT's unpaired LR "
+                                 f"inputs do not have; use {CONSISTENCY_REWARD!r} or a no-reference metric")
+        if len(set(self.rewards)) != len(self.rewards):
+            raise ValueError(f"{name}.rewards: names repeat in {self.rewards}")
+        if self.weights and len(self.weights) != len(self.rewards):
+            raise ValueError(f"{name}.weights: {len(self.weights)} weights {self.weights} for {len(self.rewards)} "
+                             f"rewards {self.rewards}")
+        if sum(self.reward_weights) == 0:
+            raise ValueError(f"{name}.weights: the reward weights {self.weights} sum to zero, so the fused advantage "
+                             f"carries no preference")
+        if self.advantages not in nft_lib.SCHEMES:
+            raise ValueError(f"{name}.advantages: expected one of {nft_lib.SCHEMES}, got {self.advantages!r}")
+        if self.renormalise and self.advantages != "decoupled":
+            raise ValueError(f"{name}.renormalise applies to the decoupled advantages only")
+        if self.decay_type not in nft_lib.DECAY_TYPES:
+            raise ValueError(f"{name}.decay_type: expected one of {nft_lib.DECAY_TYPES}, got {self.decay_type!r}")
+        if int(self.sample_steps * self.timestep_fraction) < 1 or not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"{name}.timestep_fraction: {self.timestep_fraction} of {self.sample_steps} sampler steps "
+                             f"must keep at least one training timestep and be in (0, 1]")
+
+    @property
+    def reward_weights(self) -> tuple[float, ...]:
+        return self.weights or (1.0,) * len(self.rewards)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """What changes an evaluation's numbers or pictures."""
 
@@ -238,6 +321,7 @@ class Config:
     dpo: DPOStageConfig
     eval: EvalConfig
     vae: VAEStageConfig | None = None
+    nft: NFTStageConfig = field(default_factory=NFTStageConfig)
 
     def __post_init__(self):
         flux2.preset(self.transformer)

@@ -41,4 +41,10 @@ def get_config() -> schema.Config:
         dpo=schema.DPOStageConfig(lora=lora_lib.LoRAConfig(rank=16), bf16=False, remat="none", batch=4, steps=60,
                                   checkpoint_every=30, optim=train.OptimConfig(lr=1e-3, warmup=5, weight_decay=0.0)),
         eval=schema.EvalConfig(metrics=OFFLINE_METRICS, batch=8, crop_size=256, crop_images=4, held_out=HELD_OUT),
+        # LucidNFT on 128-px crops (NIQE needs 96 px): a rank-16 LoRA, 2 LRs x K = 4 rollouts of 8 Euler steps.
+        nft=schema.NFTStageConfig(
+            lora=lora_lib.LoRAConfig(rank=16), bf16=False, remat="none", group_size=4, groups=2, inputs=16,
+            sample_steps=8, steps=20, checkpoint_every=5, eval_every=5, eval_inputs=4,
+            data=dataclasses.replace(tiny_data, gt_size=128, hflip=False, seed=schema.NFT_DATA_SEED),
+            held_out=schema.HeldOut(size=128, crops=1), optim=train.OptimConfig(lr=1e-3, warmup=0, weight_decay=0.0)),
     )
