@@ -99,7 +99,7 @@ def run(args, config) -> Path:
         sft_folder = train_flux2sr(args, config, root, timings)
     else:
         sft_folder = common.resolve_sft(args)
-        if sft_folder is None:
+        if sft_folder is None and not args.random_init:
             raise FileNotFoundError(f"the shipped tiny weights are missing from {common.SHIPPED_TINY}: pass --retrain "
                                     f"to train them here")
     flux2sr = common.load_flux2sr(args, config, sft_folder)

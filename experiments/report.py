@@ -55,8 +55,10 @@ def _took(timing: dict) -> str:
     return "reused" if timing["reused"] else f"{timing['seconds']:.0f} s"
 
 
-def flux2sr_section(sft_folder: Path) -> list[str]:
+def flux2sr_section(sft_folder: Path | None) -> list[str]:
     """Where Flux2SR came from and its held-out figures, as its weights folder's manifest records them."""
+    if sft_folder is None:
+        return ["## Flux2SR", "", "A RANDOM tiny model (`--random-init`): no figure below is a result.", ""]
     provenance = weights.read_manifest(sft_folder)["provenance"]
     lines = ["## Flux2SR", "", f"Weights: `{sft_folder}`, made by `{provenance.get('command')}` at commit "
              f"`{provenance.get('commit')}`."]
@@ -75,7 +77,7 @@ def flux2sr_section(sft_folder: Path) -> list[str]:
     return lines + [""]
 
 
-def write(root: Path, times: dict, flux2sr: common.Flux2SR, sft_folder: Path) -> Path:
+def write(root: Path, times: dict, flux2sr: common.Flux2SR, sft_folder: Path | None) -> Path:
     """`report/report.md`: what ran, the paper's claim measured at this scale, the evaluation beside bicubic, the
     side-by-side crops, Flux2SR's provenance and figures, mining statistics and the DPO runs."""
     folder = root / "report"
