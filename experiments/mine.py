@@ -243,7 +243,7 @@ def write_report(out: Path, config: MineConfig, scorer: iqa.Scorer, stats: dict[
         f"- R_A (Aesthetic) = mean of {composition(reward.aesthetic_metrics, reward.aesthetic_weights)}",
         "- R_H (Hybrid) = (R_F + R_A) / 2",
         f"- ε = {reward.eps:g}; pairs with gap < τ = {reward.gap_threshold:g} are dropped", "",
-        "## Mining statistics (SPEC §4): ours [paper]", "", statistics_table(stats), "",
+        "## Mining statistics: ours [paper]", "", statistics_table(stats), "",
         f"Paper values: {rewards.PAPER_MINING_STATS_SOURCE}", "",
         f"## Pairs (first K = {config.pool_size} candidates, after the τ filter)", "",
         "| profile | pairs | of inputs | mean gap |", "|---|---|---|---|", *pair_rows, "",

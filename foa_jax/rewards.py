@@ -456,7 +456,7 @@ def mine_pairs(scores, metric_names: Sequence[str], config: RewardConfig, profil
 # The paper's numbers, for side-by-side reports
 
 PAPER_MINING_STATS_SOURCE = (
-    "FoA-SR paper (seeds/000_98cae3019bd800a8.txt; SPEC.md §4): Table 3 (nested pools k = 2, 4, 6, 8 of one pool "
+    "FoA-SR paper: Table 3 (nested pools k = 2, 4, 6, 8 of one pool "
     "of 8, 500 LR inputs: gaps, winner disagreement, Spearman) and Appendix B Table 5 (k = 4: the two "
     "winner-advantage rows). Disagreement converted from percent to a fraction."
 )
