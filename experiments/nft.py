@@ -28,6 +28,7 @@ Files in `--out`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -226,30 +227,48 @@ def iteration_inputs(seed: int, iteration: int, count: int, groups: int) -> np.n
 
 def rollouts(models: sr.Models, old, lora_scale: float, lrs: np.ndarray, seeds: np.ndarray,
              config: NFTStageConfig) -> tuple[jax.Array, jax.Array, np.ndarray]:
-    """(cond, clean latents, SR images in [0, 1] rounded to 8 bits) of K rollouts per LR, group-major (G·K, ...)."""
+    """(cond, clean latents, SR images in [0, 1] rounded to 8 bits) of K rollouts per LR, group-major (G·K, ...).
+
+    Each LR is encoded once per rollout: the encoder then runs at the sampler's batch, the shape a held-out batch of
+    G·K inputs also has, so one compiled program serves both (encoding is a small part of a rollout).
+    """
     k = seeds.shape[1]
     size = (lrs.shape[1] * config.data.scale, lrs.shape[2] * config.data.scale)
     grid = sr.token_grid(models, *size)
-    cond = jnp.repeat(sr.condition(models, sr.upsample_lr(lrs, size)), k, axis=0)
+    cond = sr.condition(models, np.repeat(sr.upsample_lr(lrs, size), k, axis=0))
     noise = jnp.concatenate([sr.candidate_noise(int(s), (1, *cond.shape[1:])) for s in seeds.ravel()])
-    latents = sr.generate(models, cond, noise, config.sample_steps, grid, config.guidance, old, lora_scale)
+    latents = sr.generate(models, cond, noise, config.sample_steps, grid, config.guidance, _placed(old), lora_scale)
     images = np.round(np.asarray(sr.decode(models, latents, *size)) * 255.0) / 255.0
     return cond, latents, images.astype(np.float32)
 
 
-def nft_step_loss(config: NFTStageConfig, grid: tuple[int, int], lora_scale: float):
+def _placed(tree):
+    """`tree` committed to the first device, as the train step's outputs are: the sampler's compiled program is keyed
+    on its arguments' placement, so the policy, the old policy and a fresh adapter then share one."""
+    return None if tree is None else jax.device_put(tree, jax.devices()[0])
+
+
+def nft_step_loss(config: nft_lib.NFTConfig, guidance: float, grid: tuple[int, int], lora_scale: float):
     """The DiffusionNFT objective as `train.make_step`'s loss: frozen = {"models", "reference" (None: the base),
     "old"}; batch = {"x0", "cond", "t", "noise", "r"} of one training timestep per rollout."""
 
     def loss(policy, frozen, batch, key, step):
         def predict(adapter, z_t, cond, t):
             adapter = frozen["reference"] if adapter is None else adapter
-            return sr.velocity(frozen["models"], z_t, cond, t, grid, config.guidance, adapter, lora_scale)
+            return sr.velocity(frozen["models"], z_t, cond, t, grid, guidance, adapter, lora_scale)
 
         return nft_lib.nft_objective(predict, policy, frozen["old"], batch["x0"], batch["cond"], batch["t"],
-                                     batch["noise"], batch["r"], config.nft)
+                                     batch["noise"], batch["r"], config)
 
     return loss
+
+
+@functools.lru_cache(maxsize=8)
+def nft_step(config: nft_lib.NFTConfig, guidance: float, grid: tuple[int, int], lora_scale: float,
+             optim: train.OptimConfig):
+    """The jitted train step, one per setting in a process: a resumed or repeated run in the same process (the
+    tests, a notebook) then reuses its compiled program."""
+    return train.make_step(nft_step_loss(config, guidance, grid, lora_scale), optim)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -264,7 +283,8 @@ def held_out_rewards(models, adapter, lora_scale, lrs, rewards: Rewards,
                      config: NFTStageConfig) -> tuple[np.ndarray, np.ndarray]:
     """(SR images, raw rewards) of the held-out LRs under `adapter`, every one from the evaluation noise."""
     size = (lrs.shape[1] * config.data.scale, lrs.shape[2] * config.data.scale)
-    images = sr.super_resolve(models, lrs, size, EVAL_SEED, config.sample_steps, config.guidance, adapter, lora_scale)
+    images = sr.super_resolve(models, lrs, size, EVAL_SEED, config.sample_steps, config.guidance, _placed(adapter),
+                              lora_scale)
     return images, rewards.raw(lrs, images)
 
 
@@ -321,7 +341,7 @@ def run(config: NFTStageConfig, flux2sr: common.Flux2SR, lrs: np.ndarray, reward
            f"{config.groups} x K = {config.group_size} rollouts per iteration, rewards "
            f"{dict(zip(config.rewards, weights))}, LoRA rank {lora_config.rank}" + (" [RANDOM]" if random else ""))
 
-    step_fn = train.make_step(nft_step_loss(config, grid, scale_lora), optim)
+    step_fn = nft_step(config.nft, config.guidance, grid, scale_lora, optim)
     sigma_grid = jnp.asarray(sampling.sigmas(config.sample_steps, grid[0] * grid[1])[:-1])
     held_lrs, held_hrs = held
     if start == 0 and not any(r.get("split") == "held_out" for r in metrics.read()):
@@ -371,11 +391,13 @@ def run(config: NFTStageConfig, flux2sr: common.Flux2SR, lrs: np.ndarray, reward
         if done % config.checkpoint_every == 0 or done == config.steps:
             checkpoints.save(done, {"train": state, "old": old})
 
-    policy = jax.device_get(state["params"])
-    file = lora_io.export_lora(out / ADAPTER, policy, lora_config,
+    file = lora_io.export_lora(out / ADAPTER, jax.device_get(state["params"]), lora_config,
                                metadata={"foa_stage": "nft", "foa_preset": preset, "foa_advantages": config.advantages,
                                          "foa_sft_fingerprint": flux2sr.fingerprint})
-    evaluation = evaluate(models, reference, policy, scale_lora, held_lrs, held_hrs, rewards, config)
+    # Without a Flux2SR adapter the fresh LoRA (B = 0) stands for Flux2SR: exactly the base, through the same program
+    baseline = reference if reference is not None else policy
+    trained = state["params"]
+    evaluation = evaluate(models, baseline, trained, scale_lora, held_lrs, held_hrs, rewards, config)
     records = metrics.read()
     plot_rewards(out / "rewards.png", records, config.rewards)
     write_report(out / "report.md", config, flux2sr, rewards, records, evaluation, lrs, random,
