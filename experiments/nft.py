@@ -50,6 +50,7 @@ from ports import iqa, lora_io, photos
 ADAPTER = Path("weights") / "lora.safetensors"
 HEAD_KIND = "foa-jax consistency head v1"  # the file kind experiments.consistency writes
 DEFAULT_HEAD = Path("runs/consistency/head.safetensors")
+MAIN_JOB_SFT = Path("runs/foa/sft/weights")  # where the main job's SFT stage writes Flux2SR
 SEED_TAG = 0x4E4654  # "NFT": keeps rollout seeds apart from every other use of SeedSequence([seed, ...])
 EVAL_SEED = 0  # the noise of every held-out SR output (candidate 0), the same for Flux2SR and the policy
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -516,7 +517,8 @@ def write_report(path: Path, config: NFTStageConfig, flux2sr, rewards: Rewards, 
 def main(argv=None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = common.parser(__doc__.split("\n\n")[0], "runs/nft")
-    p.add_argument("--sft", type=Path, help="Flux2SR weights folder (tiny: the shipped one)")
+    p.add_argument("--sft", type=Path, help="Flux2SR weights folder (tiny: the shipped one, else the main job's "
+                                            f"{MAIN_JOB_SFT})")
     p.add_argument("--lr", type=Path, help="folder of LR images (default: degraded crops of the training photos)")
     p.add_argument("--consistency-head", type=Path,
                    help=f"LucidConsistency head (default {DEFAULT_HEAD}; `python -m experiments.consistency`)")
@@ -538,7 +540,11 @@ def main(argv=None) -> Path:
         lrs = photo_lrs(nft_config)
     held = held_out(nft_config)
     rewards = build_rewards(nft_config, args.consistency_head, args.random_head, args.iqa_weights, args.seed)
-    flux2sr = common.load_flux2sr(args, config, common.resolve_sft(args))
+    folder = common.resolve_sft(args)
+    if folder is None and args.preset == "tiny" and not args.random_init and (MAIN_JOB_SFT / "manifest.json").is_file():
+        print(f"[sft] the main job's Flux2SR {MAIN_JOB_SFT} (--sft picks another)")
+        folder = MAIN_JOB_SFT
+    flux2sr = common.load_flux2sr(args, config, folder)
     return run(nft_config, flux2sr, lrs, rewards, args.out, args.seed, args.resume, held, args.preset)
 
 

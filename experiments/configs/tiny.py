@@ -44,7 +44,7 @@ def get_config() -> schema.Config:
         # LucidNFT on 128-px crops (NIQE needs 96 px): a rank-16 LoRA, 2 LRs x K = 4 rollouts of 8 Euler steps.
         nft=schema.NFTStageConfig(
             lora=lora_lib.LoRAConfig(rank=16), bf16=False, remat="none", group_size=4, groups=2, inputs=16,
-            sample_steps=8, steps=20, checkpoint_every=5, eval_every=5, eval_inputs=4,
+            sample_steps=8, steps=30, checkpoint_every=10, eval_every=5, eval_inputs=8,
             data=dataclasses.replace(tiny_data, gt_size=128, hflip=False, seed=schema.NFT_DATA_SEED),
-            held_out=schema.HeldOut(size=128, crops=1), optim=train.OptimConfig(lr=1e-3, warmup=0, weight_decay=0.0)),
+            held_out=schema.HeldOut(size=128, crops=2), optim=train.OptimConfig(lr=1e-3, warmup=0, weight_decay=0.0)),
     )
