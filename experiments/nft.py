@@ -2,6 +2,8 @@
 
     python -m experiments.nft [--sft WEIGHTS] [--lr DIR] [--consistency-head FILE] [--advantages decoupled|scalarised]
                               [--iqa-weights DIR] [--out runs/nft] [--resume] [--steps N] [section.field=value ...]
+    python -m experiments.nft --advantages scalarised --out runs/nft-scalarised
+    python -m experiments.nft --out runs/nft --compare runs/nft-scalarised     # both schemes in one evaluation
     python -m experiments.nft --random-init --random-head ...   # random tiny Flux2SR and head: a plumbing check
 
 The inputs are LR images only (`--lr DIR`; by default degraded crops of the bundled training photos, whose HR is
@@ -21,7 +23,8 @@ Files in `--out`:
                        separability, the reward table (groups, K, rewards); and held-out reward points ("held_out")
     rewards.png        every reward over training, train and held-out inputs
     report.md          separability of both schemes on the same rollouts, the reward curves' ends, the held-out
-                       evaluation of Flux2SR against the trained policy (rewards, PSNR, LPIPS, paired deltas)
+                       evaluation of Flux2SR against the trained policy and every `--compare` run's (rewards, PSNR,
+                       LPIPS, paired deltas to Flux2SR)
     weights/lora.safetensors, checkpoints/, config.json
 """
 
@@ -295,10 +298,11 @@ def _jsonable_separability(stats: dict) -> dict:
 
 def run(config: NFTStageConfig, flux2sr: common.Flux2SR, lrs: np.ndarray, rewards: Rewards, out: Path,
         seed: int = 0, resume: bool = False, held: tuple[np.ndarray, np.ndarray] | None = None, preset: str = "tiny",
-        report=print) -> Path:
+        compare=(), report=print) -> Path:
     """Train a LucidNFT policy on uint8 LR inputs `lrs` (P, s, s, 3); returns `out/weights/lora.safetensors`.
 
-    `held`: held-out (LR, HR) for the reward curves and the final evaluation (default: the bundled held-out crops).
+    `held`: held-out (LR, HR) for the reward curves and the final evaluation (default: the bundled held-out crops);
+    `compare`: other run folders whose adapters the evaluation scores beside this one (the other scheme's run).
     Every input check runs before the first rollout.
     """
     config = dataclasses.replace(config)  # re-validates a config built by hand
@@ -398,7 +402,9 @@ def run(config: NFTStageConfig, flux2sr: common.Flux2SR, lrs: np.ndarray, reward
     # Without a Flux2SR adapter the fresh LoRA (B = 0) stands for Flux2SR: exactly the base, through the same program
     baseline = reference if reference is not None else policy
     trained = state["params"]
-    evaluation = evaluate(models, baseline, trained, scale_lora, held_lrs, held_hrs, rewards, config)
+    candidates = [(f"LucidNFT-{config.advantages}", trained, scale_lora),
+                  *compared_runs(compare, models.transformer, config.advantages)]
+    evaluation = evaluate(models, baseline, candidates, scale_lora, held_lrs, held_hrs, rewards, config)
     records = metrics.read()
     plot_rewards(out / "rewards.png", records, config.rewards)
     write_report(out / "report.md", config, flux2sr, rewards, records, evaluation, lrs, random,
@@ -411,25 +417,49 @@ def run(config: NFTStageConfig, flux2sr: common.Flux2SR, lrs: np.ndarray, reward
 # Evaluation and the report
 
 
-def evaluate(models, reference, policy, lora_scale, lrs, hrs, rewards: Rewards, config: NFTStageConfig) -> dict:
-    """Flux2SR against the trained policy on the held-out crops, from the same noise: every reward (raw), PSNR and
-    LPIPS against the HR, and the paired deltas with a normal 95% interval."""
+def evaluate(models, baseline, candidates, lora_scale, lrs, hrs, rewards: Rewards, config: NFTStageConfig) -> dict:
+    """Flux2SR (`baseline`) against each `(label, adapter, scale)` candidate on the held-out crops, every output
+    from the same noise: every reward (raw), PSNR and LPIPS against the HR, and each candidate's paired delta to
+    Flux2SR with a normal 95% interval."""
     fr = iqa.Scorer(("psnr", "lpips"))
     hr = hrs.astype(np.float32) / 255.0
     columns = {}
-    for label, adapter in (("Flux2SR", reference), ("LucidNFT", policy)):
-        images, raw = held_out_rewards(models, adapter, lora_scale, lrs, rewards, config)
+    for label, adapter, scale in (("Flux2SR", baseline, lora_scale), *candidates):
+        images, raw = held_out_rewards(models, adapter, scale, lrs, rewards, config)
         scores = {name: raw[:, m] for m, name in enumerate(rewards.names)}
         scores.update(fr.score(images, hr))
         columns[label] = scores
     table = {}
     for name in columns["Flux2SR"]:
-        a, b = np.asarray(columns["Flux2SR"][name]), np.asarray(columns["LucidNFT"][name])
-        delta = b - a
-        half = 1.96 * float(np.std(delta, ddof=1)) / np.sqrt(len(delta)) if len(delta) > 1 else float("nan")
-        table[name] = {"Flux2SR": float(np.mean(a)), "LucidNFT": float(np.mean(b)), "delta": float(np.mean(delta)),
-                       "ci95": half}
-    return {"inputs": len(lrs), "table": table}
+        a = np.asarray(columns["Flux2SR"][name])
+        row = {"Flux2SR": float(np.mean(a))}
+        for label, _, _ in candidates:
+            delta = np.asarray(columns[label][name]) - a
+            half = 1.96 * float(np.std(delta, ddof=1)) / np.sqrt(len(delta)) if len(delta) > 1 else float("nan")
+            row[label] = {"mean": float(np.mean(a + delta)), "delta": float(np.mean(delta)), "ci95": half}
+        table[name] = row
+    return {"inputs": len(lrs), "labels": [label for label, _, _ in candidates], "table": table}
+
+
+def compared_runs(folders, base, scheme: str) -> list[tuple[str, dict, float]]:
+    """`(label, adapter, scale)` of other LucidNFT runs' adapters (e.g. the other advantage scheme), labelled by the
+    scheme their file records; a label this run already has gets the folder name added."""
+    from safetensors import safe_open
+
+    runs, labels = [], {f"LucidNFT-{scheme}"}
+    for folder in folders:
+        file = Path(folder) / ADAPTER
+        if not file.is_file():
+            raise FileNotFoundError(f"--compare: {folder} holds no {ADAPTER} (an experiments.nft run folder)")
+        with safe_open(str(file), framework="numpy") as f:
+            other = (f.metadata() or {}).get("foa_advantages", "?")
+        label = f"LucidNFT-{other}"
+        if label in labels:
+            label = f"{label} ({Path(folder).name})"
+        labels.add(label)
+        tree, lora_config = lora_io.import_lora(file, base)
+        runs.append((label, tree, lora_config.scale))
+    return runs
 
 
 def plot_rewards(path: Path, records: list[dict], names) -> Path:
@@ -498,11 +528,14 @@ def write_report(path: Path, config: NFTStageConfig, flux2sr, rewards: Rewards, 
             cells += [f"{chosen[0]['rewards'][name]:.4f}", f"{chosen[-1]['rewards'][name]:.4f}"] if chosen \
                 else ["–", "–"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Held-out evaluation ({evaluation['inputs']} crops, same noise for both)", "",
-              "| metric | Flux2SR | LucidNFT | Δ (95% interval) |", "|---|---|---|---|"]
+    labels = evaluation["labels"]
+    lines += ["", f"## Held-out evaluation ({evaluation['inputs']} crops, the same noise for every model)", "",
+              "| metric | Flux2SR | " + " | ".join(f"{label} | Δ (95% interval)" for label in labels) + " |",
+              "|---|---|" + "---|---|" * len(labels)]
     for name, row in evaluation["table"].items():
-        lines.append(f"| {name} | {row['Flux2SR']:.4f} | {row['LucidNFT']:.4f} | {row['delta']:+.4f} ± "
-                     f"{row['ci95']:.4f} |")
+        cells = [f"{row[label]['mean']:.4f} | {row[label]['delta']:+.4f} ± {row[label]['ci95']:.4f}"
+                 for label in labels]
+        lines.append(f"| {name} | {row['Flux2SR']:.4f} | " + " | ".join(cells) + " |")
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     (path.parent / "report.json").write_text(json.dumps(common.to_jsonable(
@@ -525,6 +558,8 @@ def main(argv=None) -> Path:
     p.add_argument("--random-head", action="store_true", help="an untrained consistency head: a plumbing check only")
     p.add_argument("--advantages", choices=nft_lib.SCHEMES, help="advantage scheme (the config's if omitted)")
     p.add_argument("--iqa-weights", type=Path, help="pyiqa weights folder for the metrics that need files")
+    p.add_argument("--compare", type=Path, nargs="+", default=[],
+                   help="other experiments.nft run folders (e.g. the other --advantages) evaluated beside this run")
     args, config = common.parse(p, argv, "nft")
     nft_config = config.nft
     if args.advantages is not None:
@@ -545,7 +580,10 @@ def main(argv=None) -> Path:
         print(f"[sft] the main job's Flux2SR {MAIN_JOB_SFT} (--sft picks another)")
         folder = MAIN_JOB_SFT
     flux2sr = common.load_flux2sr(args, config, folder)
-    return run(nft_config, flux2sr, lrs, rewards, args.out, args.seed, args.resume, held, args.preset)
+    for folder in args.compare:
+        if not (Path(folder) / ADAPTER).is_file():
+            raise FileNotFoundError(f"--compare: {folder} holds no {ADAPTER} (an experiments.nft run folder)")
+    return run(nft_config, flux2sr, lrs, rewards, args.out, args.seed, args.resume, held, args.preset, args.compare)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def test_run_writes_metrics_plot_report_and_a_trained_lora(uninterrupted):
     assert (uninterrupted / "rewards.png").stat().st_size > 0
     report = (uninterrupted / "report.md").read_text()
     assert "RANDOM" in report
+    assert "| Flux2SR | LucidNFT-decoupled |" in report
     for row in ("| decoupled |", "| scalarised |", "| consistency |", "| piqe |", "| psnr |", "| lpips |"):
         assert row in report
     lora = load_file(str(uninterrupted / nft.ADAPTER))
@@ -60,8 +61,9 @@ def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     shutil.copytree(uninterrupted, resumed)
     shutil.rmtree(resumed / "checkpoints" / "2")  # as if killed after the first iteration's checkpoint
     (resumed / nft.ADAPTER).unlink()
-    nft.main([*TINY, "--out", str(resumed), "--resume"])
+    nft.main([*TINY, "--out", str(resumed), "--resume", "--compare", str(uninterrupted)])
     assert _without_timings(_records(resumed)) == _without_timings(_records(uninterrupted))
+    assert "| LucidNFT-decoupled (run) |" in (resumed / "report.md").read_text().replace(" | Δ (95% interval)", "")
     a, b = load_file(str(uninterrupted / nft.ADAPTER)), load_file(str(resumed / nft.ADAPTER))
     assert a.keys() == b.keys()
     for key in a:
