@@ -428,6 +428,18 @@ def reserve_step_heap(compiled) -> int:
     return host.reserve_heap(HEAP_RESERVE_TEMPS * memory.temp_size_in_bytes)
 
 
+def resume_or_start(out: Path, state, resume: bool, report=print):
+    """`(state, checkpoints, metrics)` of a training run in `out`: the newest checkpoint's state on `resume` (else
+    `state`), and the metrics log cut back to the restored step, so a resumed log reads as one run."""
+    checkpoints = Checkpoints(Path(out) / "checkpoints")
+    if resume and checkpoints.latest_step() is not None:
+        state, start = checkpoints.restore_latest(state)
+        report(f"resumed from step {start}")
+    metrics = Metrics(Path(out) / "metrics.jsonl")
+    metrics.truncate_after(int(state["step"]) - 1)
+    return state, checkpoints, metrics
+
+
 def train_loop(step_fn, state, frozen, batch_for, steps: int, checkpoints: Checkpoints, metrics: Metrics,
                checkpoint_every: int, desc: str, shown=("loss",)):
     """Run `state, metrics = step_fn(state, frozen, batch_for(step))` from the state's step to `steps`, logging every

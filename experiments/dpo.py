@@ -58,12 +58,7 @@ def run(config: DPOStageConfig, flux2sr: common.Flux2SR, pairs: dict, profile: s
     frozen = {"models": models, "reference": reference}
     optim = config.optim.for_steps(config.steps)
     state = train.init_state(policy, optim, jax.random.PRNGKey(seed))  # copies: the reference stays
-    checkpoints = common.Checkpoints(out / "checkpoints")
-    if resume and checkpoints.latest_step() is not None:
-        state, start = checkpoints.restore_latest(state)
-        report(f"resumed from step {start}")
-    metrics = common.Metrics(out / "metrics.jsonl")
-    metrics.truncate_after(int(state["step"]) - 1)
+    state, checkpoints, metrics = common.resume_or_start(out, state, resume, report)
     report(f"DPO {profile}: {len(pairs['gap'])} pairs (mean gap {np.mean(pairs['gap']):.3f}), β {config.dpo.beta}, "
            f"LoRA rank {lora_config.rank} on {len(lora_lib.target_modules(base, lora_config))} module stacks, "
            f"reference {'the Flux2SR LoRA' if reference is not None else 'the Flux2SR transformer'}")

@@ -117,12 +117,7 @@ def run(config: schema.SFTConfig, models: sr.Models, prompt_meta: dict, out: Pat
         frozen["models"] = models.replace(transformer={})  # the trained copy is the only one the step reads
     optim = config.optim.for_steps(config.steps)
     state = train.init_state(trainable, optim, jax.random.PRNGKey(seed))
-    checkpoints = common.Checkpoints(out / "checkpoints")
-    if resume and checkpoints.latest_step() is not None:
-        state, start = checkpoints.restore_latest(state)
-        report(f"resumed from step {start}")
-    metrics = common.Metrics(out / "metrics.jsonl")
-    metrics.truncate_after(int(state["step"]) - 1)
+    state, checkpoints, metrics = common.resume_or_start(out, state, resume, report)
     loss = sr.sft_loss(config.mode, config.loss, grid, config.guidance, config.lora.scale)
     step_fn = train.make_step(loss, optim)
     state = common.train_loop(step_fn, state, frozen, lambda step: training_batch(cache, seed, step, config),

@@ -109,12 +109,7 @@ def run(config: schema.VAEStageConfig, out: Path, seed: int = 0, resume: bool = 
     if config.init == "identity":
         params = identity_init(params)
     state = train.init_state(vae.trainable(params), optim, jax.random.PRNGKey(seed))
-    checkpoints = common.Checkpoints(out / "checkpoints")
-    if resume and checkpoints.latest_step() is not None:
-        state, start = checkpoints.restore_latest(state)
-        report(f"resumed from step {start}")
-    metrics = common.Metrics(out / "metrics.jsonl")
-    metrics.truncate_after(int(state["step"]) - 1)
+    state, checkpoints, metrics = common.resume_or_start(out, state, resume, report)
     step_fn = train.make_step(make_loss(vae_config, config), optim)
     state = common.train_loop(step_fn, state, {"lpips": lpips_params},
                               lambda step: {"x": crops(dataset, step * config.batch, config.batch)[None]},

@@ -171,7 +171,7 @@ def test_real_tiny_vae_tokens(tmp_path, dataset):
     fingerprint = cache.fingerprint(params)
     latents = cache.build(tmp_path, dataset, 2, encode_tokens, fingerprint, batch_size=2, **QUIET)
     tokens = (CONFIG.gt_size // config.token_factor) ** 2
-    assert latents.tokens_shape == (tokens, config.token_channels) == (4, 32)
+    assert latents.tokens_shape == (tokens, config.token_channels) == (4, 128)
     batch = latents.batch([0, 1])
     direct = vae.encode_tokens(params, config, batch["hr"].astype(np.float32) / 127.5 - 1.0)
     np.testing.assert_allclose(batch["z_hr"], np.asarray(direct), atol=1e-5)
