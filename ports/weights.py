@@ -125,11 +125,27 @@ def save(folder, *, vae_params: dict, vae_config: vae.VAEConfig, provenance: Map
              for path in sorted(tmp.rglob("*")) if path.is_file()}
     manifest = {"format": FORMAT, "files": files, "provenance": dict(provenance)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    write_part_manifests(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, folder)
     return folder
+
+
+def write_part_manifests(folder) -> None:
+    """A `manifest.json` in each model subfolder (`vae/`, `transformer/`), derived from the folder's manifest: the
+    subfolder is a diffusers folder that may be copied on its own, and it keeps saying what made it and its hashes.
+    The folder's manifest does not list these files, so its hashes and fingerprint are unchanged."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    made = {key: manifest["provenance"].get(key) for key in ("command", "commit", "created")}
+    for part in (VAE, TRANSFORMER):
+        files = {name.removeprefix(f"{part}/"): entry for name, entry in manifest["files"].items()
+                 if name.startswith(f"{part}/")}
+        if files:
+            record = {"format": f"{FORMAT} part", "part_of": f"../{MANIFEST}", "files": files, "provenance": made}
+            (folder / part / MANIFEST).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def _tree_float32(tree):

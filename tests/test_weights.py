@@ -119,3 +119,18 @@ def test_lora_folder_needs_its_base(models, tmp_path):
     _equal(loaded.lora, adapter)
     assert (loaded.lora_config.rank, loaded.lora_config.scale) == (config.rank, config.scale)
     assert loaded.transformer is None
+
+
+def test_each_model_subfolder_carries_its_own_manifest(folder):
+    """`vae/` and `transformer/` say what made them and hash their files, exactly as the folder's manifest does."""
+    import json
+
+    root = weights.verify(folder)
+    for part in (weights.VAE, weights.TRANSFORMER):
+        record = json.loads((folder / part / weights.MANIFEST).read_text())
+        assert record["part_of"] == "../manifest.json"
+        assert record["provenance"]["command"] == root["provenance"].get("command")
+        listed = {f"{part}/{name}": entry for name, entry in record["files"].items()}
+        assert listed == {k: v for k, v in root["files"].items() if k.startswith(f"{part}/")} and listed
+        for name, entry in record["files"].items():
+            assert weights.file_sha256(folder / part / name) == entry["sha256"]
